@@ -1,0 +1,194 @@
+"""The block client: pipelined requests to an identity endpoint, retried across failover.
+
+Every request carries (client id, request id). A request that got no answer is sent again,
+with the same ids, when the connection to the identity comes back (a partner bound it after a
+takeover, or the owner after giveback) or when its retry timer fires; the D-module's
+exactly-once table makes sure a retried write is applied once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from vmemu.bus import codec
+from vmemu.bus.rpc import make_socket
+from vmemu.errors import Timeout, VmemuError, from_wire
+
+
+@dataclass
+class Pending:
+    frame: bytes
+    op: str
+    first_sent: float
+    last_sent: float
+    attempts: int
+    tag: Any
+
+
+@dataclass
+class Completion:
+    req_id: int
+    ok: bool
+    result: Any
+    error: VmemuError | None
+    latency: float  # seconds from first send to the answer
+    attempts: int
+    tag: Any
+
+
+# Errors that mean "this server cannot answer for the identity right now": retry elsewhere-in-time.
+RETRYABLE = {"fenced", "unavailable"}
+
+
+class BlockClient:
+    def __init__(self, endpoint: str, ctx: zmq.Context | None = None, client_id: int | None = None,
+                 retry_after: float = 0.5, give_up_after: float = 60.0) -> None:
+        self.endpoint = endpoint
+        self.own_ctx = ctx is None
+        self.ctx = ctx or zmq.Context()
+        self.client_id = client_id or (secrets.randbits(62) | 1)
+        self.retry_after = retry_after
+        self.give_up_after = give_up_after
+        self._ids = itertools.count(1)
+        self.pending: dict[int, Pending] = {}
+        self.retries = 0
+        self.reconnects = 0
+        self.sock = make_socket(self.ctx, zmq.DEALER)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.sock.connect(endpoint)
+        self._was_disconnected = False
+
+    # -- asynchronous interface --------------------------------------------------------------
+    def submit(self, op: str, args: dict[str, Any], tag: Any = None) -> int:
+        req_id = next(self._ids)
+        if op == "write":
+            args = dict(args, client=self.client_id)
+        frame = codec.encode_request(req_id, op, args)
+        now = time.monotonic()
+        self.pending[req_id] = Pending(frame, op, now, now, 1, tag)
+        self.sock.send(frame)
+        return req_id
+
+    def poll(self, timeout: float) -> list[Completion]:
+        """Completions that arrived within `timeout` seconds (resending what needs it)."""
+        out: list[Completion] = []
+        end = time.monotonic() + timeout
+        while True:
+            self._watch_connection()
+            self._drain(out)
+            now = time.monotonic()
+            self._resend_overdue(now, out)
+            if out or now >= end:
+                return out
+            wait = min(end - now, 0.05)
+            poller = zmq.Poller()
+            poller.register(self.sock, zmq.POLLIN)
+            poller.register(self.monitor, zmq.POLLIN)
+            poller.poll(max(1, int(wait * 1000)))
+
+    def _drain(self, out: list[Completion]) -> None:
+        while True:
+            try:
+                frame = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = codec.decode(frame)
+            except codec.FrameError:
+                continue
+            if not isinstance(msg, codec.Reply):
+                continue
+            p = self.pending.get(msg.id)
+            if p is None:
+                continue  # an answer to a retry we already had an answer for
+            if not msg.ok and (msg.error or {}).get("code") in RETRYABLE:
+                continue  # the old server is going away; the retry timer will send it again
+            del self.pending[msg.id]
+            err = None if msg.ok else from_wire(msg.error or {})
+            out.append(Completion(msg.id, msg.ok, msg.result, err, time.monotonic() - p.first_sent,
+                                  p.attempts, p.tag))
+
+    def _watch_connection(self) -> None:
+        while True:
+            try:
+                ev = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if ev["event"] == zmq.EVENT_DISCONNECTED:
+                self._was_disconnected = True
+            elif ev["event"] == zmq.EVENT_CONNECTED and self._was_disconnected:
+                # Someone serves the identity again: what the old server never answered is
+                # resent now instead of waiting for its timer.
+                self._was_disconnected = False
+                self.reconnects += 1
+                self._resend_all()
+
+    def _resend_all(self) -> None:
+        now = time.monotonic()
+        for p in self.pending.values():
+            self._resend(p, now)
+
+    def _resend(self, p: Pending, now: float) -> None:
+        p.attempts += 1
+        p.last_sent = now
+        self.retries += 1
+        self.sock.send(p.frame)
+
+    def _resend_overdue(self, now: float, out: list[Completion]) -> None:
+        for req_id, p in list(self.pending.items()):
+            if now - p.first_sent > self.give_up_after:
+                del self.pending[req_id]
+                out.append(Completion(req_id, False, None,
+                                      Timeout(f"{p.op} got no answer from {self.endpoint} in "
+                                              f"{self.give_up_after:.0f}s"),
+                                      now - p.first_sent, p.attempts, p.tag))
+                continue
+            backoff = min(self.retry_after * (2 ** min(p.attempts - 1, 4)), 2.0)
+            if now - p.last_sent > backoff:
+                self._resend(p, now)
+
+    # -- synchronous helpers -----------------------------------------------------------------
+    def call(self, op: str, args: dict[str, Any], timeout: float | None = None) -> Any:
+        """One request, waited for; meant for a client with nothing else in flight."""
+        req_id = self.submit(op, args)
+        end = time.monotonic() + (timeout or self.give_up_after)
+        while time.monotonic() < end:
+            for c in self.poll(min(0.1, max(0.0, end - time.monotonic()))):
+                if c.req_id == req_id:
+                    if c.ok:
+                        return c.result
+                    raise c.error  # type: ignore[misc]
+        self.pending.pop(req_id, None)
+        raise Timeout(f"{op} got no answer from {self.endpoint}")
+
+    def info(self) -> dict[str, Any]:
+        return self.call("info", {})
+
+    def read(self, lun: int, offset: int, length: int) -> bytes:
+        return self.call("read", {"lun": lun, "offset": offset, "length": length})
+
+    def write(self, lun: int, offset: int, data: bytes) -> int:
+        return self.call("write", {"lun": lun, "offset": offset, "data": data})["seq"]
+
+    def flush(self, lun: int) -> None:
+        self.call("flush", {"lun": lun})
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(0)
+        self.sock.close(0)
+        if self.own_ctx:
+            self.ctx.term()
+
+    def __enter__(self) -> "BlockClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,246 @@
+"""A guest domain: one OS process running a storage operating system.
+
+Boot, in order: die with the hypervisor; warm the replay kernels (so a takeover never pays for
+compilation); allocate this incarnation's NVRAM region, map it, seal it (read-only grant mode)
+and hand it to the hypervisor; map the partner regions granted to us; then loop, serving the
+hypervisor's requests (assign, release, map, shutdown), the clients of every identity we serve,
+heartbeats and consistency points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import mmap
+import os
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from domains.dmodule import DModule
+from domains.failover_monitor import FailoverMonitor
+from domains.nmodule import NModule
+from storage import nvlog, replay
+from storage import region as shm
+from vmemu import datadir
+from vmemu.bus import codec
+from vmemu.bus.rpc import RpcClient, RpcServer
+from vmemu.config import ClusterConfig
+from vmemu.errors import BadRequest, InvalidState, NotGranted, VmemuError
+from vmemu.hypervisor import fdbroker
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """A guest must never outlive Domain 0 (it would hold an identity nobody supervises)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+class Guest:
+    def __init__(self, data_dir: Path, node: int) -> None:
+        info = datadir.read_cluster(data_dir)
+        self.cfg = ClusterConfig.from_dict(info["config"])
+        self.dir = data_dir
+        self.node = node
+        self.ctx = zmq.Context()
+        self.uplink = RpcClient(self.ctx, info["control"], timeout=10.0)
+        self.control = RpcServer(self.ctx, datadir.guest_endpoint(self.cfg.cluster_id, node))
+        self.fd_name = datadir.fd_socket_name(self.cfg.cluster_id)
+        self.stop = False
+        self.region_fd, self.region, self.region_id = self._allocate_region()
+        self.dmodule = DModule(node, data_dir, self.cfg.disks, self.region, self.region_id,
+                               self._emit_cp)
+        self.nmodule = NModule(self.ctx, self.cfg.cluster_id, self.dmodule, node,
+                               self._first_request)
+        self.monitor = FailoverMonitor(node, self.cfg.heartbeat_ms / 1000.0, self._map_region)
+        self.next_cp = time.monotonic() + self.cfg.cp_interval_s
+
+    # -- NVRAM -------------------------------------------------------------------------------
+    def _allocate_region(self) -> tuple[int, mmap.mmap, int]:
+        region_id = secrets.randbits(62) | 1
+        size = self.cfg.nvram_mb << 20
+        fd = shm.allocate(f"vmemu-nvram-node{self.node}", size)
+        buf = shm.map_read_write(fd, size)
+        nvlog.format_region(buf, self.node, region_id)
+        shm.seal(fd, read_only=self.cfg.grant_mode == "ro")
+        return fd, buf, region_id
+
+    def register(self) -> None:
+        reply, _ = fdbroker.request(self.fd_name, {"op": "register", "node": self.node,
+                                                   "region": self.region_id,
+                                                   "sealed": self.cfg.grant_mode == "ro"},
+                                    fd=self.region_fd)
+        if not reply.get("ok"):
+            raise NotGranted(reply.get("error", {}).get("message", "registration refused"))
+        # The hypervisor now holds the region; our descriptor is no longer needed (the mapping
+        # stays), and dropping it means nothing in this process can reopen the memory.
+        os.close(self.region_fd)
+        for g in self.uplink.call("grants", {"node": self.node}):
+            self._map_region(int(g["region"]), int(g["owner"]))
+
+    def _map_region(self, region: int, owner: int) -> mmap.mmap:
+        if region in self.monitor.mapped:
+            return self.monitor.mapped[region][1]
+        reply, fd = fdbroker.request(self.fd_name, {"op": "map", "node": self.node, "region": region})
+        if not reply.get("ok") or fd is None:
+            raise NotGranted(reply.get("error", {}).get("message", f"no grant for region {region:#x}"))
+        try:
+            buf = shm.map_read_write(fd) if reply["mode"] == "rw" else shm.map_read_only(fd)
+        finally:
+            os.close(fd)
+        self.monitor.mapped[region] = (owner, buf)
+        self._event("mapped", {"region": f"{region:#x}", "owner": f"node{owner}",
+                               "mode": reply["mode"]})
+        return buf
+
+    # -- reporting ---------------------------------------------------------------------------
+    def _event(self, kind: str, fields: dict[str, Any], mono: float | None = None) -> None:
+        self.uplink.notify("event", {"node": self.node, "kind": kind, "fields": fields,
+                                     "mono": time.monotonic() if mono is None else mono})
+
+    def _emit_cp(self, kind: str, info: dict[str, Any], t0: float) -> None:
+        self._event(kind, info, t0)
+
+    def _first_request(self, identity: int, mono: float) -> None:
+        self._event("first_request", {"identity": identity}, mono)
+
+    def _stats(self) -> dict[str, Any]:
+        d = self.dmodule
+        return {"nvlog_used": d.log.used, "nvlog_capacity": d.log.capacity, "ops": d.ops,
+                "cp_count": d.cp_count, "last_cp": d.last_cp, "serves": sorted(d.served),
+                "mapped": [f"{r:#x}" for r in self.monitor.mapped], "region": f"{d.region_id:#x}"}
+
+    # -- hypervisor requests -----------------------------------------------------------------
+    def _control(self, req: codec.Request) -> Any:
+        if req.op == "assign":
+            return self._assign(req)
+        if req.op == "release":
+            ident = codec.arg(req, "identity", int)
+            if ident not in self.dmodule.served:
+                raise InvalidState(f"node{self.node} does not serve node{ident}")
+            self.nmodule.unbind(ident)
+            return {"cp_ms": self.dmodule.release_identity(ident)["ms"]}
+        if req.op == "map":
+            self._map_region(codec.arg(req, "region", int), codec.arg(req, "owner", int))
+            return {}
+        if req.op == "shutdown":
+            self.stop = True
+            return {}
+        if req.op == "status":
+            return self._stats()
+        raise BadRequest(f"unknown guest op {req.op!r}")
+
+    def _assign(self, req: codec.Request) -> dict[str, Any]:
+        ident = codec.arg(req, "identity", int)
+        epoch = codec.arg(req, "epoch", int)
+        reason = codec.arg(req, "reason", str)
+        chain_raw = codec.arg(req, "chain", list)
+        if ident in self.dmodule.served:
+            raise InvalidState(f"node{self.node} already serves node{ident}")
+        chain = []
+        for item in chain_raw:
+            region, owner = int(item[0]), int(item[1])
+            chain.append((region, None if region == self.region_id else self._map_region(region, owner)))
+        served = self.dmodule.open_identity(ident, epoch, reason)
+        try:
+            rep = self.dmodule.replay_chain(served, chain)
+            replay_done = time.monotonic()
+            self.nmodule.bind(ident)
+        except Exception:
+            self.dmodule.served.pop(ident, None)
+            for lun in served.luns:
+                lun.disk.close()
+            raise
+        assumed = time.monotonic()
+        if rep["regions"]:
+            # Make the replayed data durable soon, so the old regions can be let go.
+            self.next_cp = min(self.next_cp, assumed + 0.5)
+        return {"region": self.region_id, "replay": rep, "replay_done": replay_done,
+                "assumed": assumed}
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop", True))
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; Dom0 decides
+        self.monitor.beat(self.uplink, self._stats(), time.monotonic())
+        while not self.stop:
+            now = time.monotonic()
+            poller = zmq.Poller()
+            poller.register(self.control.sock, zmq.POLLIN)
+            ident_socks = self.nmodule.sockets()
+            for s in ident_socks:
+                poller.register(s, zmq.POLLIN)
+            timeout = max(0.0, min(self.monitor.next_due, self.next_cp) - now)
+            ready = dict(poller.poll(int(timeout * 1000) + 1))
+            if self.control.sock in ready:
+                self._drain_control()
+            for s, ident in ident_socks.items():
+                if s in ready:
+                    self.nmodule.serve_ready(ident)
+            now = time.monotonic()
+            if now >= self.monitor.next_due:
+                self.monitor.beat(self.uplink, self._stats(), now)
+            if now >= self.next_cp or self.dmodule.log_fill() >= 0.5:
+                self._cp("timer" if now >= self.next_cp else "log_half_full")
+
+    def _cp(self, reason: str) -> None:
+        if self.dmodule.served or self.dmodule.log.used:
+            self.dmodule.consistency_point(reason)
+        self.next_cp = time.monotonic() + self.cfg.cp_interval_s
+
+    def _drain_control(self) -> None:
+        while self.control.sock.poll(0):
+            inc = self.control.recv()
+            if inc is None:
+                continue
+            try:
+                result = self._control(inc.request)
+            except VmemuError as exc:
+                self.control.reply_error(inc.peer, inc.request.id, exc)
+                continue
+            except Exception as exc:
+                self.control.reply_error(inc.peer, inc.request.id,
+                                         VmemuError(f"node{self.node}: {exc!r}"))
+                continue
+            self.control.reply(inc.peer, inc.request.id, result)
+
+    def shutdown(self) -> None:
+        """Clean stop: a final CP so the disks hold everything, then let go of all of it."""
+        try:
+            self.dmodule.consistency_point("shutdown")
+        finally:
+            self.nmodule.close()
+            self.dmodule.close()
+            self.control.close()
+            self.uplink.close()
+            self.ctx.term()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="vmemu-guest")
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--node", type=int, required=True)
+    ap.add_argument("--hypervisor-pid", type=int, required=True)
+    args = ap.parse_args(argv)
+    die_with_parent(args.hypervisor_pid)
+    replay.warm()
+    guest = Guest(Path(args.data_dir), args.node)
+    guest.register()
+    try:
+        guest.run()
+    finally:
+        guest.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

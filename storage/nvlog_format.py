@@ -1,0 +1,86 @@
+"""The NVRAM region and NVLog record formats, declared once.
+
+Region (one per domain incarnation, a memfd; all integers little endian)::
+
+    offset  size  field
+    0       8     magic        b"VMNVRAM1"
+    8       4     version      REGION_VERSION
+    12      4     node_index   owner's node number (1-based)
+    16      8     region_id    unique per incarnation (random 63-bit)
+    24      8     capacity     bytes of log area
+    32      8     generation   current log generation (bumped by every log reset)
+    40      8     base_seq     sequence number of the first record of this generation
+    48      8     tail         bytes of log area in use (advisory: readers scan, never trust it)
+    56      ...   reserved up to REGION_HEADER (4096)
+    4096    capacity  log area: records, back to back, 8-byte aligned
+
+Record (RECORD_HEADER bytes, payload, then crc32c over header+payload)::
+
+    offset  size  field
+    0       4     magic        RECORD_MAGIC
+    4       2     version      RECORD_VERSION
+    6       2     flags        FLAG_*
+    8       4     generation   must equal the region's generation
+    12      4     length       payload bytes
+    16      8     seq          must be base_seq for the first record, then +1 each
+    24      4     lun          global LUN id (node_index << 16 | lun_index)
+    28      4     pad
+    32      8     offset       byte offset in the LUN
+    40      8     client       client id (exactly-once table)
+    48      8     request      client request id
+    56      length payload
+    56+len  4     crc32c       over bytes [0, 56+len)
+    ...           zero pad to a multiple of 8
+
+A reader stops at the first record with a bad magic, version, generation, sequence
+or checksum: everything before it is what was acknowledged (the writer acknowledges
+only after the whole record, checksum included, is in the region).
+"""
+
+from __future__ import annotations
+
+import struct
+
+REGION_MAGIC = b"VMNVRAM1"
+REGION_VERSION = 1
+REGION_HEADER = 4096
+REGION_STRUCT = struct.Struct("<8sIIQQQQQ")  # magic, version, node, region_id, capacity, gen, base_seq, tail
+OFF_GENERATION = 32
+OFF_BASE_SEQ = 40
+OFF_TAIL = 48
+
+RECORD_MAGIC = 0x474F4C4E  # "NLOG" little endian
+RECORD_VERSION = 1
+RECORD_STRUCT = struct.Struct("<IHHIIQIIQQQ")
+RECORD_HEADER = RECORD_STRUCT.size  # 56
+CRC_SIZE = 4
+ALIGN = 8
+
+FLAG_WRITE = 0
+FLAG_ZERO = 1  # payload empty: write `offset..offset+pad` as zeros (reserved for later protocols)
+
+# Columns of the index that scan() returns, one row per valid record.
+IDX_POS = 0  # byte position of the record in the log area
+IDX_SEQ = 1
+IDX_LUN = 2
+IDX_OFFSET = 3
+IDX_LENGTH = 4
+IDX_CLIENT = 5
+IDX_REQUEST = 6
+IDX_COLUMNS = 7
+
+assert RECORD_HEADER == 56
+
+
+def record_size(length: int) -> int:
+    """Bytes a record with `length` payload bytes occupies in the log, padding included."""
+    raw = RECORD_HEADER + length + CRC_SIZE
+    return (raw + ALIGN - 1) // ALIGN * ALIGN
+
+
+def lun_gid(node_index: int, lun_index: int) -> int:
+    return (node_index << 16) | lun_index
+
+
+def lun_owner(gid: int) -> int:
+    return gid >> 16

@@ -1,0 +1,86 @@
+"""Cluster configuration: one dataclass, written to cluster.json at `up`, read by every process."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from vmemu.errors import BadRequest
+
+TOPOLOGIES = ("pairs", "ring")
+GRANT_MODES = ("ro", "rw")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    nodes: int = 4
+    topology: str = "pairs"
+    heartbeat_ms: int = 50
+    heartbeat_misses: int = 6  # a guest silent for misses x interval is declared failed
+    nvram_mb: int = 64
+    disks: int = 2  # per node; LUN i lives on disk i
+    disk_mb: int = 256
+    grant_mode: str = "ro"
+    giveback_delay_s: float = 2.0  # negative: manual giveback only
+    cp_interval_s: float = 5.0
+    cluster_id: str = field(default_factory=lambda: secrets.token_hex(4))
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.nodes <= 64:
+            raise BadRequest(f"--nodes must be between 1 and 64, not {self.nodes}")
+        if self.topology not in TOPOLOGIES:
+            raise BadRequest(f"unknown topology {self.topology!r}; choose pairs or ring")
+        if self.topology == "pairs" and self.nodes % 2:
+            raise BadRequest(f"--nodes {self.nodes} is odd: HA pairs need an even count "
+                             "(use --topology ring)")
+        if self.grant_mode not in GRANT_MODES:
+            raise BadRequest(f"unknown grant mode {self.grant_mode!r}; choose ro or rw")
+        if not 5 <= self.heartbeat_ms <= 10_000:
+            raise BadRequest("heartbeat interval must be between 5 and 10000 ms")
+        if self.heartbeat_misses < 2:
+            raise BadRequest("heartbeat misses must be at least 2")
+        if not 1 <= self.nvram_mb <= 4096:
+            raise BadRequest("NVRAM size must be between 1 and 4096 MiB")
+        if not 1 <= self.disks <= 16:
+            raise BadRequest("disks per node must be between 1 and 16")
+        if not 1 <= self.disk_mb <= 1 << 20:
+            raise BadRequest("disk size must be between 1 MiB and 1 TiB")
+        if self.cp_interval_s <= 0:
+            raise BadRequest("CP interval must be positive")
+
+    @property
+    def node_names(self) -> list[str]:
+        return [node_name(i) for i in range(1, self.nodes + 1)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "ClusterConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def node_name(index: int) -> str:
+    return f"node{index}"
+
+
+def node_index(name: str, nodes: int) -> int:
+    """'node3' -> 3, or UnknownNode naming the valid choices."""
+    from vmemu.errors import UnknownNode
+
+    if name.startswith("node") and name[4:].isdigit():
+        idx = int(name[4:])
+        if 1 <= idx <= nodes:
+            return idx
+    raise UnknownNode(f"unknown node {name!r}: this cluster has node1..node{nodes}")
+
+
+def partner_of(index: int, nodes: int, topology: str) -> int | None:
+    """The node that maps `index`'s NVRAM and takes it over (None for a one-node cluster)."""
+    if nodes < 2:
+        return None
+    if topology == "pairs":
+        return index + 1 if index % 2 else index - 1
+    return index % nodes + 1

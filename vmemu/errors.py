@@ -1,0 +1,90 @@
+"""Typed errors with stable codes.
+
+Errors cross the bus as data (`{"code", "message"}`) and become one clear CLI line, so every
+failure a user can cause has a code here and a message that says what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class VmemuError(Exception):
+    """Base of every error vmemu reports on purpose."""
+
+    code = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_wire(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+class BadRequest(VmemuError):
+    code = "bad_request"
+
+
+class BadFrame(VmemuError):
+    code = "bad_frame"
+
+
+class OutOfRange(VmemuError):
+    code = "out_of_range"
+
+
+class UnknownLun(VmemuError):
+    code = "unknown_lun"
+
+
+class UnknownNode(VmemuError):
+    code = "unknown_node"
+
+
+class NotGranted(VmemuError):
+    code = "not_granted"
+
+
+class Fenced(VmemuError):
+    code = "fenced"
+
+
+class Unavailable(VmemuError):
+    code = "unavailable"
+
+
+class Timeout(VmemuError):
+    code = "timeout"
+
+
+class NotRunning(VmemuError):
+    code = "not_running"
+
+
+class DataDirInUse(VmemuError):
+    code = "data_dir_in_use"
+
+
+class InvalidState(VmemuError):
+    code = "invalid_state"
+
+
+class LogFull(VmemuError):
+    code = "log_full"
+
+
+_BY_CODE: dict[str, type[VmemuError]] = {
+    cls.code: cls
+    for cls in (
+        VmemuError, BadRequest, BadFrame, OutOfRange, UnknownLun, UnknownNode, NotGranted,
+        Fenced, Unavailable, Timeout, NotRunning, DataDirInUse, InvalidState, LogFull,
+    )
+}
+
+
+def from_wire(err: dict) -> VmemuError:
+    """Rebuild a typed error from its wire form; unknown codes keep their code and text."""
+    code = str(err.get("code", "error"))
+    cls = _BY_CODE.get(code, VmemuError)
+    exc = cls(str(err.get("message", "unknown error")))
+    exc.code = code
+    return exc

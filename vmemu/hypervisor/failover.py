@@ -1,0 +1,305 @@
+"""The failover coordinator: who serves which identity, as a pure state machine.
+
+`Coordinator.handle(event, now)` returns a list of actions; it never touches a process, a
+socket or a clock. The hypervisor's loop turns process exits, missed heartbeats and RPC replies
+into events, and carries out the actions (fence, grant, assign, release, free).
+
+Vocabulary:
+- a *node* is a guest domain (1-based index); it has a life: booting -> up -> serving -> down.
+- an *identity* is what clients address: node N's endpoint, LUNs and disks. Normally node N
+  serves identity N; after a takeover its partner does, until giveback.
+- a *chain* is, per identity, the ordered list of NVRAM regions that may still hold records
+  not yet on that identity's disks. Whoever is assigned the identity replays the chain in order
+  (older incarnations first), which is what keeps acknowledged writes across any sequence of
+  failures. A consistency point by the current server shortens the chain to its own region.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+from vmemu.config import partner_of
+from vmemu.errors import InvalidState
+
+BOOTING, UP, SERVING, DOWN, STOPPED = "booting", "up", "serving", "down", "stopped"
+ALIVE = (UP, SERVING)
+
+
+# -- events ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Spawned:
+    node: int
+
+
+@dataclass(frozen=True)
+class Registered:
+    node: int
+    region: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    node: int
+    reason: str  # "exit" | "heartbeat" | "crash-request"
+
+
+@dataclass(frozen=True)
+class AssignDone:
+    node: int
+    identity: int
+    region: int
+    ok: bool
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class ReleaseDone:
+    node: int
+    identity: int
+    ok: bool
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class CpDone:
+    node: int
+    identities: tuple[int, ...]
+    region: int
+
+
+@dataclass(frozen=True)
+class GivebackRequested:
+    node: int
+
+
+@dataclass(frozen=True)
+class Tick:
+    pass
+
+
+Event = Union[Spawned, Registered, Failed, AssignDone, ReleaseDone, CpDone, GivebackRequested,
+              Tick]
+
+
+# -- actions ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Fence:
+    node: int
+
+
+@dataclass(frozen=True)
+class Grant:
+    region: int
+    grantee: int
+
+
+@dataclass(frozen=True)
+class Assign:
+    """Tell `node` to serve `identity`: fence the disks to a new epoch, replay `chain`, bind."""
+
+    node: int
+    identity: int
+    chain: tuple[int, ...]
+    reason: str  # "boot" | "takeover" | "giveback" | "recovery"
+
+
+@dataclass(frozen=True)
+class Release:
+    node: int
+    identity: int
+
+
+@dataclass(frozen=True)
+class FreeRegion:
+    region: int
+
+
+@dataclass(frozen=True)
+class Log:
+    kind: str
+    node: int | None = None
+    fields: dict = field(default_factory=dict)
+
+
+Action = Union[Fence, Grant, Assign, Release, FreeRegion, Log]
+
+
+@dataclass
+class Identity:
+    index: int
+    served_by: int | None = None
+    transit: tuple[str, int] | None = None  # ("assign" | "release", node)
+    chain: list[int] = field(default_factory=list)
+    last_server: int | None = None
+
+
+class Coordinator:
+    def __init__(self, nodes: int, topology: str, giveback_delay: float) -> None:
+        self.nodes = nodes
+        self.topology = topology
+        self.giveback_delay = giveback_delay
+        self.state: dict[int, str] = {n: DOWN for n in range(1, nodes + 1)}
+        self.region: dict[int, int | None] = {n: None for n in range(1, nodes + 1)}
+        self.identities = {n: Identity(n) for n in range(1, nodes + 1)}
+        self.dead_regions: set[int] = set()
+        self.giveback_due: dict[int, float] = {}
+        self.shutting_down = False
+
+    # -- queries -----------------------------------------------------------------------------
+    def partner(self, node: int) -> int | None:
+        return partner_of(node, self.nodes, self.topology)
+
+    def alive(self, node: int | None) -> bool:
+        return node is not None and self.state.get(node) in ALIVE
+
+    def served(self, node: int) -> list[int]:
+        return [i.index for i in self.identities.values() if i.served_by == node]
+
+    def takeover_possible(self, node: int) -> bool:
+        return self.alive(self.partner(node)) and self.region[node] is not None
+
+    # -- the machine -------------------------------------------------------------------------
+    def handle(self, ev: Event, now: float) -> list[Action]:
+        handler = getattr(self, "_on_" + type(ev).__name__)
+        return handler(ev, now)
+
+    def _on_Spawned(self, ev: Spawned, now: float) -> list[Action]:
+        if self.alive(ev.node) or self.state[ev.node] == BOOTING:
+            raise InvalidState(f"node{ev.node} is already running")
+        self.state[ev.node] = BOOTING
+        return [Log("spawned", ev.node)]
+
+    def _on_Registered(self, ev: Registered, now: float) -> list[Action]:
+        n = ev.node
+        if self.state[n] != BOOTING:
+            return [Log("unexpected_register", n, {"state": self.state[n]})]
+        self.state[n] = UP
+        self.region[n] = ev.region
+        acts: list[Action] = [Log("registered", n, {"region": f"{ev.region:#x}"})]
+        p = self.partner(n)
+        if p is not None:
+            acts.append(Grant(ev.region, p))
+        own = self.identities[n]
+        if own.served_by is not None and own.served_by != n:
+            if self.giveback_delay >= 0:
+                self.giveback_due[n] = now + self.giveback_delay
+            acts.append(Log("giveback_pending", n, {"held_by": own.served_by,
+                                                    "auto_after_s": self.giveback_delay}))
+        for ident in self.identities.values():
+            if ident.served_by is None and ident.transit is None:
+                acts += self._place(ident)
+        return acts
+
+    def _on_Failed(self, ev: Failed, now: float) -> list[Action]:
+        f = ev.node
+        if self.state[f] in (DOWN, STOPPED) or self.shutting_down:
+            return []
+        self.state[f] = DOWN
+        acts: list[Action] = [Log("failure_detected", f, {"reason": ev.reason}), Fence(f)]
+        if self.region[f] is not None:
+            self.dead_regions.add(self.region[f])  # type: ignore[arg-type]
+            self.region[f] = None
+        self.giveback_due.pop(f, None)
+        for ident in self.identities.values():
+            if ident.served_by == f or ident.transit in (("assign", f), ("release", f)):
+                ident.served_by = None
+                ident.transit = None
+                ident.last_server = f
+        for ident in self.identities.values():
+            if ident.served_by is None and ident.transit is None:
+                acts += self._place(ident)
+        return acts + self._free()
+
+    def _on_AssignDone(self, ev: AssignDone, now: float) -> list[Action]:
+        ident = self.identities[ev.identity]
+        if ident.transit != ("assign", ev.node):
+            return [Log("stale_reply", ev.node, {"identity": ev.identity})]
+        ident.transit = None
+        if not ev.ok:
+            return [Log("assign_failed", ev.node, {"identity": ev.identity, "error": ev.error})]
+        ident.served_by = ev.node
+        ident.last_server = ev.node
+        if ev.region not in ident.chain:
+            ident.chain.append(ev.region)
+        if ev.identity == ev.node:
+            self.state[ev.node] = SERVING
+        return []
+
+    def _on_ReleaseDone(self, ev: ReleaseDone, now: float) -> list[Action]:
+        ident = self.identities[ev.identity]
+        if ident.transit != ("release", ev.node):
+            return [Log("stale_reply", ev.node, {"identity": ev.identity})]
+        ident.transit = None
+        if not ev.ok:
+            return [Log("giveback_failed", ev.node, {"identity": ev.identity, "error": ev.error})]
+        # The releasing node ended with a CP of this identity: its disks hold everything.
+        ident.served_by = None
+        ident.chain.clear()
+        return self._place(ident) + self._free()
+
+    def _on_CpDone(self, ev: CpDone, now: float) -> list[Action]:
+        if self.region.get(ev.node) != ev.region:
+            return []
+        for i in ev.identities:
+            ident = self.identities.get(i)
+            if ident is not None and ident.served_by == ev.node:
+                ident.chain[:] = [ev.region]
+        return self._free()
+
+    def _on_GivebackRequested(self, ev: GivebackRequested, now: float) -> list[Action]:
+        ident = self.identities[ev.node]
+        holder = ident.served_by
+        if self.state[ev.node] != UP or holder is None or holder == ev.node:
+            if self.state[ev.node] == SERVING:
+                raise InvalidState(f"node{ev.node} already serves its own identity")
+            raise InvalidState(f"node{ev.node} cannot take its identity back now "
+                               f"(state {self.state[ev.node]}, served by "
+                               f"{'node%d' % holder if holder else 'nobody'})")
+        if ident.transit is not None:
+            raise InvalidState(f"node{ev.node}'s identity is already moving")
+        self.giveback_due.pop(ev.node, None)
+        ident.transit = ("release", holder)
+        return [Log("giveback_started", ev.node, {"from": holder}), Release(holder, ev.node)]
+
+    def _on_Tick(self, ev: Tick, now: float) -> list[Action]:
+        acts: list[Action] = []
+        for n, due in list(self.giveback_due.items()):
+            if now >= due:
+                del self.giveback_due[n]
+                try:
+                    acts += self._on_GivebackRequested(GivebackRequested(n), now)
+                except InvalidState:
+                    pass  # already served by itself, or moving: nothing to give back
+        return acts
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _place(self, ident: Identity) -> list[Action]:
+        """Pick a server for an unserved identity: its owner if alive, else an heir."""
+        i = ident.index
+        if self.state[i] == BOOTING:
+            return []  # its owner is on its way: it will claim the identity when it registers
+        if self.alive(i):
+            reason = "recovery" if ident.chain else "boot"
+            if ident.last_server not in (None, i):
+                reason = "giveback"
+            return self._assign(i, ident, reason)
+        for cand in (self.partner(i), self.partner(ident.last_server or i)):
+            if self.alive(cand) and cand != i:
+                return self._assign(cand, ident, "takeover")  # type: ignore[arg-type]
+        if self.shutting_down:
+            return []
+        return [Log("unavailable", i, {"reason": "no live node can serve this identity; "
+                                                 "data waits in NVRAM and on disk"})]
+
+    def _assign(self, node: int, ident: Identity, reason: str) -> list[Action]:
+        ident.transit = ("assign", node)
+        acts: list[Action] = [Grant(r, node) for r in ident.chain if r != self.region[node]]
+        acts.append(Assign(node, ident.index, tuple(ident.chain), reason))
+        return acts
+
+    def _free(self) -> list[Action]:
+        held = {r for i in self.identities.values() for r in i.chain}
+        freed = sorted(self.dead_regions - held)
+        self.dead_regions -= set(freed)
+        return [FreeRegion(r) for r in freed]

@@ -1,0 +1,483 @@
+"""Domain 0: the hypervisor process.
+
+It spawns and supervises the guest domains, keeps the grant table and the NVRAM descriptors
+(fd broker), runs the heartbeat monitor, coordinates takeover and giveback, writes the event log
+and answers the CLI. Its logic lives in pure modules (grants, heartbeat, failover); this file is
+the loop that turns sockets, pidfds and time into their events, and their actions into I/O.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from storage.disk import Disk, disk_path, stamp_epoch
+from vmemu import datadir
+from vmemu.bus import codec
+from vmemu.bus.rpc import AsyncRpcClient, RpcServer
+from vmemu.config import ClusterConfig, node_index, partner_of
+from vmemu.errors import BadRequest, InvalidState, UnknownNode, VmemuError
+from vmemu.hypervisor import failover as fo
+from vmemu.hypervisor.events import EventLog
+from vmemu.hypervisor.fdbroker import FdBroker
+from vmemu.hypervisor.grants import GrantTable
+from vmemu.hypervisor.heartbeat import HeartbeatMonitor
+from vmemu.hypervisor.supervisor import Supervisor
+
+
+class Hypervisor:
+    def __init__(self, data_dir: Path, cfg: ClusterConfig, parent_pid: int | None) -> None:
+        self.dir = data_dir
+        self.cfg = cfg
+        self.lock = datadir.DirLock(data_dir)
+        self.lock.acquire()
+        self.ctx = zmq.Context()
+        self.events = EventLog(datadir.events_file(data_dir))
+        self.grants = GrantTable()
+        self.coord = fo.Coordinator(cfg.nodes, cfg.topology, cfg.giveback_delay_s)
+        self.monitor = HeartbeatMonitor(cfg.heartbeat_ms / 1000.0, cfg.heartbeat_misses)
+        self.sup = Supervisor(data_dir, datadir.logs_dir(data_dir))
+        self.control = RpcServer(self.ctx, datadir.control_endpoint(cfg.cluster_id))
+        self.broker = FdBroker(datadir.fd_socket_name(cfg.cluster_id), self.grants, self._pid_of,
+                               self._on_register)
+        self.guests: dict[int, AsyncRpcClient] = {}
+        self.stats: dict[int, dict[str, Any]] = {}
+        self.takeovers: dict[int, dict[str, Any]] = {}
+        self._served_at_fail: dict[int, list[int]] = {}
+        self.stopping: tuple[bytes, int] | None = None
+        self.stop_requested = False
+        self.parent_fd = os.pidfd_open(parent_pid) if parent_pid else None
+        self.started = time.time()
+
+    # -- boot --------------------------------------------------------------------------------
+    def boot(self) -> None:
+        for n in range(1, self.cfg.nodes + 1):
+            for d in range(self.cfg.disks):
+                p = disk_path(self.dir, n, d)
+                if not p.exists():
+                    Disk.create(p, n, d, self.cfg.disk_mb << 20)
+        datadir.write_cluster(self.dir, {
+            "cluster_id": self.cfg.cluster_id, "hypervisor_pid": os.getpid(),
+            "control": self.control.endpoint, "started": self.started,
+            "config": self.cfg.to_dict(),
+        })
+        self.events.emit("cluster_up", "hypervisor", nodes=self.cfg.nodes,
+                         topology=self.cfg.topology, pid=os.getpid())
+        for n in range(1, self.cfg.nodes + 1):
+            self._spawn(n)
+
+    def _spawn(self, node: int) -> None:
+        self._apply(self.coord.handle(fo.Spawned(node), time.monotonic()))
+        child = self.sup.spawn(node)
+        old = self.guests.pop(node, None)
+        if old:
+            old.close()
+        self.guests[node] = AsyncRpcClient(self.ctx, datadir.guest_endpoint(self.cfg.cluster_id, node))
+        self.stats[node] = {}
+        self.events.emit("domain_started", node, pid=child.pid)
+
+    def _pid_of(self, node: int) -> int | None:
+        child = self.sup.children.get(node)
+        return child.pid if child else None
+
+    def _on_register(self, node: int, region: int) -> None:
+        self.monitor.watch(node, time.monotonic())
+        self._apply(self.coord.handle(fo.Registered(node, region), time.monotonic()))
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self._signalled)
+        signal.signal(signal.SIGINT, self._signalled)
+        tick = min(0.02, self.cfg.heartbeat_ms / 2000.0)
+        while True:
+            poller = zmq.Poller()
+            poller.register(self.control.sock, zmq.POLLIN)
+            poller.register(self.broker.fileno(), zmq.POLLIN)
+            for g in self.guests.values():
+                poller.register(g.sock, zmq.POLLIN)
+            pidfds = {c.pidfd: c for c in self.sup.children.values()}
+            for fd in pidfds:
+                poller.register(fd, zmq.POLLIN)
+            if self.parent_fd is not None:
+                poller.register(self.parent_fd, zmq.POLLIN)
+            ready = dict(poller.poll(int(tick * 1000)))
+            for fd in pidfds:
+                if fd in ready:
+                    self._child_exited(pidfds[fd].node)
+            if self.control.sock in ready:
+                self._drain_control()
+            if self.broker.fileno() in ready:
+                self.broker.on_readable()
+            for g in list(self.guests.values()):
+                if g.sock in ready:
+                    g.on_readable()
+            now = time.monotonic()
+            for g in list(self.guests.values()):
+                g.expire(now)
+            if self.parent_fd is not None and self.parent_fd in ready:
+                self.events.emit("parent_exited", "hypervisor")
+                self.parent_fd = None
+                self.stop_requested = True
+            self._check_heartbeats(now)
+            self._apply(self.coord.handle(fo.Tick(), now))
+            if self.stop_requested and not self.coord.shutting_down:
+                self._begin_shutdown()
+            if self.coord.shutting_down and self._shutdown_progress(now):
+                return
+
+    def _signalled(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+
+    def _child_exited(self, node: int) -> None:
+        child = self.sup.children.get(node)
+        if child is None:
+            return
+        code = child.proc.poll()
+        if self.coord.shutting_down:
+            self.sup.kill(node)
+            self.events.emit("domain_stopped", node, exit_code=code)
+            return
+        self._fail(node, "exit", detail=f"exit code {code}")
+
+    def _check_heartbeats(self, now: float) -> None:
+        if self.coord.shutting_down:
+            return
+        for node in self.monitor.overdue(now):
+            age = self.monitor.age(node, now)
+            self.events.emit("heartbeat_missed", node, silent_ms=round((age or 0) * 1000, 1),
+                             limit_ms=round(self.monitor.limit * 1000, 1))
+            self._fail(node, "heartbeat")
+
+    def _fail(self, node: int, reason: str, detail: str = "") -> None:
+        now = time.monotonic()
+        self.monitor.forget(node)
+        served = self.coord.served(node)
+        own = self.coord.identities[node]
+        fence_idents = set(served)
+        if own.served_by in (None, node) and own.transit in (None, ("assign", node)):
+            fence_idents.add(node)
+        self._served_at_fail[node] = sorted(fence_idents)
+        acts = self.coord.handle(fo.Failed(node, reason), now)
+        if not acts:
+            self.sup.kill(node)
+            return
+        for ident in served:
+            self.takeovers[ident] = {"failed": f"node{node}", "reason": reason,
+                                     "detected": now, "stages": {"failure_detected": 0.0}}
+        if detail:
+            self.events.emit("domain_exited", node, detail=detail)
+        self._apply(acts)
+
+    # -- actions -----------------------------------------------------------------------------
+    def _apply(self, actions: list[fo.Action]) -> None:
+        for act in actions:
+            if isinstance(act, fo.Log):
+                self.events.emit(act.kind, act.node, **act.fields)
+            elif isinstance(act, fo.Fence):
+                self._fence(act.node)
+            elif isinstance(act, fo.Grant):
+                self._grant(act.region, act.grantee)
+            elif isinstance(act, fo.Assign):
+                self._assign(act)
+            elif isinstance(act, fo.Release):
+                self._release(act)
+            elif isinstance(act, fo.FreeRegion):
+                self.broker.free(act.region)
+                self.events.emit("region_freed", "hypervisor", region=f"{act.region:#x}")
+
+    def _fence(self, node: int) -> None:
+        code = self.sup.kill(node)
+        self.grants.owner_died(node)
+        g = self.guests.pop(node, None)
+        if g is not None:
+            g.fail_all(InvalidState(f"node{node} was fenced"))
+            g.close()
+        # Only what this node served: stamping a live server's identity would fence *it*.
+        epochs = {f"node{i}": self._stamp(i) for i in self._served_at_fail.pop(node, [])}
+        now = time.monotonic()
+        for t in self.takeovers.values():
+            if t.get("failed") == f"node{node}" and "fenced" not in t["stages"]:
+                t["stages"]["fenced"] = round((now - t["detected"]) * 1000, 3)
+        self.events.emit("fenced", node, exit_code=code, disk_epochs=epochs)
+
+    def _stamp(self, identity: int) -> int:
+        epoch = 0
+        for d in range(self.cfg.disks):
+            epoch = stamp_epoch(disk_path(self.dir, identity, d))
+        return epoch
+
+    def _grant(self, region: int, grantee: int) -> None:
+        try:
+            self.grants.grant(region, grantee, self.cfg.grant_mode)
+        except VmemuError as exc:
+            self.events.emit("grant_refused", grantee, region=f"{region:#x}", error=exc.message)
+            return
+        r = self.grants.regions[region]
+        self.events.emit("granted", "hypervisor", region=f"{region:#x}", owner=f"node{r.owner}",
+                         grantee=f"node{grantee}", mode=self.cfg.grant_mode)
+        g = self.guests.get(grantee)
+        if g is not None and self.coord.alive(grantee):
+            g.call("map", {"region": region, "owner": r.owner}, 10.0, lambda res, err: None)
+
+    def _assign(self, act: fo.Assign) -> None:
+        epoch = self._stamp(act.identity)
+        now = time.monotonic()
+        t = self.takeovers.get(act.identity)
+        if act.reason == "takeover" and t is not None and "partner_alerted" not in t["stages"]:
+            t["stages"]["partner_alerted"] = round((now - t["detected"]) * 1000, 3)
+            t["server"] = f"node{act.node}"
+        self.events.emit("partner_alerted" if act.reason == "takeover" else "assign", act.node,
+                         identity=f"node{act.identity}", reason=act.reason, epoch=epoch,
+                         chain=[f"{r:#x}" for r in act.chain])
+        chain = [[r, self.grants.regions[r].owner] for r in act.chain if r in self.grants.regions]
+
+        def done(res: Any, err: VmemuError | None) -> None:
+            if err is not None:
+                self._apply(self.coord.handle(
+                    fo.AssignDone(act.node, act.identity, 0, False, err.message), time.monotonic()))
+                return
+            self._record_assign(act, res)
+            self._apply(self.coord.handle(
+                fo.AssignDone(act.node, act.identity, int(res["region"]), True), time.monotonic()))
+
+        g = self.guests.get(act.node)
+        if g is None:
+            done(None, InvalidState(f"node{act.node} is not running"))
+            return
+        g.call("assign", {"identity": act.identity, "chain": chain, "epoch": epoch,
+                          "reason": act.reason}, 60.0, done)
+
+    def _record_assign(self, act: fo.Assign, res: dict) -> None:
+        rep = res.get("replay", {})
+        self.events.emit("replay_done", act.node, mono=res.get("replay_done"),
+                         identity=f"node{act.identity}", records=rep.get("records", 0),
+                         bytes=rep.get("bytes", 0), ms=rep.get("ms", 0.0),
+                         regions=rep.get("regions", 0))
+        self.events.emit("identity_assumed", act.node, mono=res.get("assumed"),
+                         identity=f"node{act.identity}", reason=act.reason,
+                         endpoint=datadir.identity_endpoint(self.cfg.cluster_id, act.identity))
+        t = self.takeovers.get(act.identity)
+        if act.reason == "takeover" and t is not None and t.get("server") == f"node{act.node}":
+            st = t["stages"]
+            st["replay_done"] = round((res["replay_done"] - t["detected"]) * 1000, 3)
+            st["identity_assumed"] = round((res["assumed"] - t["detected"]) * 1000, 3)
+            t["replay"] = rep
+
+    def _release(self, act: fo.Release) -> None:
+        def done(res: Any, err: VmemuError | None) -> None:
+            if err is None:
+                self.events.emit("released", act.node, identity=f"node{act.identity}",
+                                 cp_ms=(res or {}).get("cp_ms"))
+            self._apply(self.coord.handle(
+                fo.ReleaseDone(act.node, act.identity, err is None, err.message if err else ""),
+                time.monotonic()))
+
+        g = self.guests.get(act.node)
+        if g is None:
+            done(None, InvalidState(f"node{act.node} is not running"))
+            return
+        g.call("release", {"identity": act.identity}, 60.0, done)
+
+    # -- control requests --------------------------------------------------------------------
+    def _drain_control(self) -> None:
+        while True:
+            if not self.control.sock.poll(0):
+                return
+            inc = self.control.recv()
+            if inc is None:
+                continue
+            try:
+                result = self._control(inc.peer, inc.request)
+            except VmemuError as exc:
+                self.control.reply_error(inc.peer, inc.request.id, exc)
+                continue
+            except Exception as exc:  # a bug must not take Domain 0 down with it
+                self.events.emit("internal_error", "hypervisor", op=inc.request.op, error=repr(exc))
+                self.control.reply_error(inc.peer, inc.request.id, VmemuError(f"internal error: {exc!r}"))
+                continue
+            if result is not _DEFERRED:
+                self.control.reply(inc.peer, inc.request.id, result)
+
+    def _node_arg(self, req: codec.Request) -> int:
+        name = codec.arg(req, "node", (str, int))
+        if isinstance(name, int):
+            if not 1 <= name <= self.cfg.nodes:
+                raise UnknownNode(f"unknown node {name}: this cluster has node1..node{self.cfg.nodes}")
+            return name
+        return node_index(name, self.cfg.nodes)
+
+    def _control(self, peer: bytes, req: codec.Request) -> Any:
+        op = req.op
+        now = time.monotonic()
+        if op == "heartbeat":
+            node = self._node_arg(req)
+            if self.sup.children.get(node) and self.sup.children[node].pid == req.args.get("pid"):
+                self.monitor.beat(node, now)
+                self.stats[node] = dict(req.args.get("stats") or {}, at=now)
+            return None
+        if op == "event":
+            return self._guest_event(req)
+        if op == "grants":
+            node = self._node_arg(req)
+            return [{"region": r, "owner": self.grants.regions[r].owner}
+                    for (r, n) in self.grants.grants if n == node]
+        if op == "ping":
+            return {"pid": os.getpid(), "cluster_id": self.cfg.cluster_id}
+        if op == "status":
+            return self.status()
+        if op == "crash":
+            node = self._node_arg(req)
+            hang = bool(req.args.get("hang"))
+            child = self.sup.children.get(node)
+            if child is None or not self.coord.alive(node):
+                raise InvalidState(f"node{node} is not running (state {self.coord.state[node]})")
+            self.events.emit("crash_requested", node, signal="SIGSTOP" if hang else "SIGKILL",
+                             pid=child.pid)
+            self.sup.signal(node, signal.SIGSTOP if hang else signal.SIGKILL)
+            return {"pid": child.pid, "mono": time.monotonic()}
+        if op == "restart":
+            node = self._node_arg(req)
+            if self.coord.state[node] not in (fo.DOWN, fo.STOPPED) or node in self.sup.children:
+                raise InvalidState(f"node{node} is {self.coord.state[node]}; only a down node "
+                                   "can be restarted")
+            self._spawn(node)
+            return {"node": f"node{node}"}
+        if op == "giveback":
+            node = self._node_arg(req)
+            self._apply(self.coord.handle(fo.GivebackRequested(node), now))
+            return {"node": f"node{node}"}
+        if op == "shutdown":
+            self.stopping = (peer, req.id)
+            self.stop_requested = True
+            return _DEFERRED
+        raise BadRequest(f"unknown control op {op!r}")
+
+    def _guest_event(self, req: codec.Request) -> None:
+        node = self._node_arg(req)
+        kind = codec.arg(req, "kind", str)
+        fields = req.args.get("fields") or {}
+        mono = req.args.get("mono")
+        if kind == "cp_done":
+            self.events.emit("cp", node, mono=mono, **fields)
+            self._apply(self.coord.handle(fo.CpDone(node, tuple(fields.get("identities", [])),
+                                                    int(fields.get("region", 0))), time.monotonic()))
+        elif kind == "first_request":
+            ident = int(fields.get("identity", 0))
+            t = self.takeovers.get(ident)
+            if t is not None and t.get("server") == f"node{node}" and "first_request_served" not in t["stages"]:
+                t["stages"]["first_request_served"] = round((mono - t["detected"]) * 1000, 3)
+                self.events.emit("takeover_complete", node, identity=f"node{ident}",
+                                 failed=t["failed"], stages_ms=t["stages"])
+            self.events.emit("first_request_served", node, mono=mono, identity=f"node{ident}")
+        else:
+            self.events.emit(kind, node, mono=mono, **fields)
+        return None
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        nodes = []
+        for n in range(1, self.cfg.nodes + 1):
+            child = self.sup.children.get(n)
+            st = self.stats.get(n, {})
+            age = self.monitor.age(n, now)
+            ident = self.coord.identities[n]
+            nodes.append({
+                "name": f"node{n}",
+                "pid": child.pid if child else None,
+                "state": self.coord.state[n],
+                "partner": f"node{p}" if (p := partner_of(n, self.cfg.nodes, self.cfg.topology)) else None,
+                "takeover_possible": self.coord.takeover_possible(n),
+                "heartbeat_age_ms": None if age is None else round(age * 1000, 1),
+                "nvlog_used": st.get("nvlog_used"),
+                "nvlog_capacity": st.get("nvlog_capacity"),
+                "last_cp_age_s": None if st.get("last_cp") is None else round(now - st["last_cp"], 2),
+                "cp_count": st.get("cp_count"),
+                "ops": st.get("ops"),
+                "identity_served_by": f"node{ident.served_by}" if ident.served_by else None,
+                "serves": [f"node{i}" for i in self.coord.served(n)],
+                "region": f"{r:#x}" if (r := self.coord.region[n]) else None,
+                "endpoint": datadir.identity_endpoint(self.cfg.cluster_id, n),
+                "last_takeover": self._takeover_view(n),
+            })
+        return {"version": 1, "cluster_id": self.cfg.cluster_id, "hypervisor_pid": os.getpid(),
+                "uptime_s": round(time.time() - self.started, 1), "config": self.cfg.to_dict(),
+                "nodes": nodes, "grants": self.grants.rows(),
+                "regions_held": len(self.broker.held)}
+
+    def _takeover_view(self, identity: int) -> dict | None:
+        t = self.takeovers.get(identity)
+        if t is None:
+            return None
+        return {k: v for k, v in t.items() if k != "detected"}
+
+    # -- shutdown ----------------------------------------------------------------------------
+    def _begin_shutdown(self) -> None:
+        self.coord.shutting_down = True
+        self.shutdown_deadline = time.monotonic() + 30.0
+        self.events.emit("shutdown_started", "hypervisor")
+        for n, g in self.guests.items():
+            if n in self.sup.children:
+                g.call("shutdown", {}, 30.0, lambda res, err: None)
+
+    def _shutdown_progress(self, now: float) -> bool:
+        for n in list(self.sup.children):
+            if self.sup.exited(n):
+                self.sup.kill(n)
+        if self.sup.children and now < self.shutdown_deadline:
+            return False
+        self.sup.stop_all(grace=2.0)
+        return True
+
+    def close(self) -> None:
+        self.events.emit("cluster_down", "hypervisor")
+        for g in self.guests.values():
+            g.close()
+        self.broker.close()
+        if self.stopping is not None:
+            self.control.reply(self.stopping[0], self.stopping[1], {"stopped": True})
+        self.control.close()
+        self.ctx.term()
+        try:
+            datadir.cluster_file(self.dir).unlink()
+        except FileNotFoundError:
+            pass
+        self.events.close()
+        self.lock.release()
+
+
+_DEFERRED = object()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="vmemu-hypervisor")
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--config", required=True, help="cluster config as JSON")
+    ap.add_argument("--parent-pid", type=int, default=0)
+    args = ap.parse_args(argv)
+    cfg = ClusterConfig.from_dict(json.loads(args.config))
+    data_dir = Path(args.data_dir)
+    try:
+        hv = Hypervisor(data_dir, cfg, args.parent_pid or None)
+    except VmemuError as exc:
+        print(f"vmemu: {exc.message}", file=sys.stderr)
+        return 2
+    try:
+        hv.boot()
+        hv.run()
+    finally:
+        hv.sup.stop_all(grace=1.0)
+        hv.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
