@@ -66,8 +66,12 @@ class BlockClient:
         self._was_disconnected = False
 
     # -- asynchronous interface --------------------------------------------------------------
-    def submit(self, op: str, args: dict[str, Any], tag: Any = None) -> int:
-        req_id = next(self._ids)
+    def next_id(self) -> int:
+        """Reserve a request id (a load tags its payload with it before submitting)."""
+        return next(self._ids)
+
+    def submit(self, op: str, args: dict[str, Any], tag: Any = None, req_id: int | None = None) -> int:
+        req_id = next(self._ids) if req_id is None else req_id
         if op == "write":
             args = dict(args, client=self.client_id)
         frame = codec.encode_request(req_id, op, args)

@@ -61,7 +61,8 @@ class Guest:
                                self._emit_cp)
         self.nmodule = NModule(self.ctx, self.cfg.cluster_id, self.dmodule, node,
                                self._first_request)
-        self.monitor = FailoverMonitor(node, self.cfg.heartbeat_ms / 1000.0, self._map_region)
+        self.monitor = FailoverMonitor(node, self.cfg.heartbeat_ms / 1000.0, self.ctx,
+                                       info["control"], self._stats)
         self.next_cp = time.monotonic() + self.cfg.cp_interval_s
 
     # -- NVRAM -------------------------------------------------------------------------------
@@ -108,7 +109,7 @@ class Guest:
                                      "mono": time.monotonic() if mono is None else mono})
 
     def _emit_cp(self, kind: str, info: dict[str, Any], t0: float) -> None:
-        self._event(kind, info, t0)
+        self._event(kind, dict(info, region_hex=f"{info['region']:#x}"), t0)
 
     def _first_request(self, identity: int, mono: float) -> None:
         self._event("first_request", {"identity": identity}, mono)
@@ -171,15 +172,16 @@ class Guest:
     def run(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop", True))
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; Dom0 decides
-        self.monitor.beat(self.uplink, self._stats(), time.monotonic())
+        self.monitor.start()
         while not self.stop:
             now = time.monotonic()
+            self.monitor.loop_alive()
             poller = zmq.Poller()
             poller.register(self.control.sock, zmq.POLLIN)
             ident_socks = self.nmodule.sockets()
             for s in ident_socks:
                 poller.register(s, zmq.POLLIN)
-            timeout = max(0.0, min(self.monitor.next_due, self.next_cp) - now)
+            timeout = max(0.0, min(now + 0.1, self.next_cp) - now)
             ready = dict(poller.poll(int(timeout * 1000) + 1))
             if self.control.sock in ready:
                 self._drain_control()
@@ -187,14 +189,13 @@ class Guest:
                 if s in ready:
                     self.nmodule.serve_ready(ident)
             now = time.monotonic()
-            if now >= self.monitor.next_due:
-                self.monitor.beat(self.uplink, self._stats(), now)
             if now >= self.next_cp or self.dmodule.log_fill() >= 0.5:
                 self._cp("timer" if now >= self.next_cp else "log_half_full")
 
     def _cp(self, reason: str) -> None:
-        if self.dmodule.served or self.dmodule.log.used:
-            self.dmodule.consistency_point(reason)
+        d = self.dmodule
+        if d.log.used or any(s.needs_sync for s in d.served.values()):
+            d.consistency_point(reason)
         self.next_cp = time.monotonic() + self.cfg.cp_interval_s
 
     def _drain_control(self) -> None:
@@ -218,6 +219,7 @@ class Guest:
         try:
             self.dmodule.consistency_point("shutdown")
         finally:
+            self.monitor.stop()
             self.nmodule.close()
             self.dmodule.close()
             self.control.close()

@@ -16,8 +16,8 @@ GRANT_MODES = ("ro", "rw")
 class ClusterConfig:
     nodes: int = 4
     topology: str = "pairs"
-    heartbeat_ms: int = 50
-    heartbeat_misses: int = 6  # a guest silent for misses x interval is declared failed
+    heartbeat_ms: int = 100
+    heartbeat_misses: int = 5  # a guest silent for misses x interval is declared failed
     nvram_mb: int = 64
     disks: int = 2  # per node; LUN i lives on disk i
     disk_mb: int = 256

@@ -1,0 +1,90 @@
+"""`python -m bench [--quick] [--out DIR]`: measure, write DIR/latest.json and latest.md, print a table.
+
+Figures (all measured in this run, on this machine):
+  replay_gbps  numba replay vs the pure-Python reference vs memcpy of the same size
+  takeover_ms  kill -9 to the first successful client op on the failed node's identity
+  up_s         4-node cluster start to all-serving, cold and warm numba cache
+  baseline     machine facts and a memcpy figure
+Targets are reported as pass/fail; the run does not fail on a missed target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from bench import replay_bench, report, takeover_bench, up_bench
+from bench.common import MiB, log, machine_facts, memcpy_gbps, processes_mentioning, shm_entries
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+PARTS = ("replay", "takeover", "up")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="short run (8 MiB log, 3 takeovers)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results dir (bench/results)")
+    ap.add_argument("--only", default=",".join(PARTS),
+                    help=f"comma-separated subset of {','.join(PARTS)}")
+    ap.add_argument("--trials", type=int, default=None, help="takeover trials (10; quick 3)")
+    ap.add_argument("--takeover-offsets", choices=("seq", "random"), default="seq",
+                    help="where the takeover fill writes: fresh sequential blocks (default) "
+                         "or random blocks over each LUN")
+    args = ap.parse_args(argv)
+    parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        ap.error(f"unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+
+    shm_before = shm_entries()
+    t_start = time.monotonic()
+    results: dict[str, Any] = {
+        "version": 1,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "quick": args.quick,
+        "baseline": {},
+    }
+    errors: dict[str, str] = {}
+    log(f"{'quick' if args.quick else 'full'} run: {', '.join(parts)}")
+    base = machine_facts()
+    base["memcpy_gbps"] = round(memcpy_gbps(64 * MiB)["gbps"], 3)
+    base["memcpy_note"] = "np.copyto of 64 MiB, best of 9, same run"
+    results["baseline"] = base
+
+    runners = {
+        "replay": ("replay_gbps", lambda: replay_bench.run(args.quick)),
+        "takeover": ("takeover_ms", lambda: takeover_bench.run(args.quick, args.trials,
+                                                               args.takeover_offsets)),
+        "up": ("up_s", lambda: up_bench.run(args.quick)),
+    }
+    for part in parts:
+        key, fn = runners[part]
+        try:
+            results[key] = fn()
+        except Exception as exc:  # keep going: the other figures are still worth having
+            errors[part] = f"{type(exc).__name__}: {exc}"
+            log(f"{part} failed:\n{traceback.format_exc()}")
+    if "replay_gbps" in results:
+        results["baseline"]["memcpy_same_size_gbps"] = results["replay_gbps"]["memcpy"]
+
+    results["duration_s"] = round(time.monotonic() - t_start, 1)
+    results["targets"] = report.evaluate(results)
+    shm_left = sorted(shm_entries() - shm_before)
+    procs_left = [p for p in processes_mentioning("vmemu-bench-")]
+    results["hygiene"] = {"new_dev_shm_entries": shm_left, "processes_left": procs_left}
+    if errors:
+        results["errors"] = errors
+    j, m = report.write(results, args.out)
+    print(report.table(results))
+    print(f"\nwrote {j} and {m} ({results['duration_s']} s)")
+    if shm_left or procs_left:
+        print(f"WARNING: left behind: /dev/shm {shm_left}, processes {procs_left}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""The `vmemu` command line: a thin layer over vmemu.cluster.
+
+Every command finds the running cluster through --data-dir (default ./.vmemu, or
+$VMEMU_DATA_DIR). A mistake is one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from vmemu import datadir
+from vmemu.cluster import Control, Status, launch, wait_for, wait_started
+from vmemu.config import ClusterConfig
+from vmemu.errors import BadRequest, VmemuError
+from vmemu.hypervisor.events import read_events
+
+console = Console(width=None if sys.stdout.isatty() else 200)
+
+SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[iI]?[bB]?\s*$")
+DUR_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+def parse_size(text: str) -> int:
+    m = SIZE_RE.match(text)
+    if not m:
+        raise BadRequest(f"cannot read size {text!r} (examples: 4096, 4k, 1M)")
+    return int(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
+
+
+def parse_duration(text: str) -> float:
+    m = DUR_RE.match(text)
+    if not m:
+        raise BadRequest(f"cannot read duration {text!r} (examples: 20s, 500ms, 2m)")
+    return float(m.group(1)) * {None: 1, "ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+class Ctx:
+    def __init__(self, data_dir: str | None) -> None:
+        self.dir = datadir.resolve(data_dir)
+
+    def control(self) -> Control:
+        return Control(self.dir)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data-dir", envvar=datadir.ENV, default=None,
+              help="Cluster data dir (default ./.vmemu; env VMEMU_DATA_DIR).")
+@click.pass_context
+def cli(ctx: click.Context, data_dir: str | None) -> None:
+    """vmemu: a clustered storage system with virtual-machine failover, on one host."""
+    ctx.obj = Ctx(data_dir)
+
+
+# -- up / down -------------------------------------------------------------------------------
+@cli.command()
+@click.option("--nodes", default=4, show_default=True, help="Guest domains in the cluster.")
+@click.option("--topology", type=click.Choice(["pairs", "ring"]), default="pairs", show_default=True)
+@click.option("--detach", is_flag=True, help="Return once every domain is serving.")
+@click.option("--heartbeat-ms", default=100, show_default=True)
+@click.option("--heartbeat-misses", default=5, show_default=True)
+@click.option("--nvram-mb", default=64, show_default=True, help="NVRAM region per domain.")
+@click.option("--disks", default=2, show_default=True, help="Disks (and LUNs) per node.")
+@click.option("--disk-mb", default=256, show_default=True)
+@click.option("--grant-mode", type=click.Choice(["ro", "rw"]), default="ro", show_default=True)
+@click.option("--giveback-delay", default=2.0, show_default=True,
+              help="Seconds before automatic giveback; negative for manual only.")
+@click.option("--cp-interval", default=5.0, show_default=True, help="Seconds between timer CPs.")
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for serving.")
+@click.pass_obj
+def up(obj: Ctx, nodes: int, topology: str, detach: bool, heartbeat_ms: int, heartbeat_misses: int,
+       nvram_mb: int, disks: int, disk_mb: int, grant_mode: str, giveback_delay: float,
+       cp_interval: float, timeout: float) -> None:
+    """Start a cluster (foreground with a live view; Ctrl-C stops it cleanly)."""
+    cfg = ClusterConfig(nodes=nodes, topology=topology, heartbeat_ms=heartbeat_ms,
+                        heartbeat_misses=heartbeat_misses, nvram_mb=nvram_mb, disks=disks,
+                        disk_mb=disk_mb, grant_mode=grant_mode, giveback_delay_s=giveback_delay,
+                        cp_interval_s=cp_interval)
+    t0 = time.monotonic()
+    proc = launch(obj.dir, cfg, detach)
+    try:
+        ctl = wait_started(obj.dir, proc, timeout)
+        wait_for(ctl, Status.all_serving, timeout, "every domain to serve")
+    except BaseException:
+        proc.terminate()
+        proc.wait(30)
+        raise
+    took = time.monotonic() - t0
+    if detach:
+        console.print(f"vmemu: {nodes} nodes serving in {took:.1f}s (data dir {obj.dir}); "
+                      "`vmemu status` to look, `vmemu down` to stop")
+        return
+    try:
+        with Live(render_status(ctl.status().raw, f"serving in {took:.1f}s · Ctrl-C stops"),
+                  console=console, refresh_per_second=4) as live:
+            while proc.poll() is None:
+                time.sleep(0.25)
+                try:
+                    live.update(render_status(ctl.status().raw, "Ctrl-C stops the cluster"))
+                except VmemuError:
+                    pass
+    except KeyboardInterrupt:
+        pass
+    if proc.poll() is None:
+        console.print("vmemu: stopping (final consistency point)...")
+        try:
+            ctl.call("shutdown", timeout=60)
+        except VmemuError:
+            pass
+        proc.wait(60)
+    console.print("vmemu: stopped")
+
+
+@cli.command()
+@click.pass_obj
+def down(obj: Ctx) -> None:
+    """Stop the cluster cleanly: a final consistency point on every domain."""
+    ctl = obj.control()
+    pid = ctl.info["hypervisor_pid"]
+    ctl.call("shutdown", timeout=60)
+    end = time.monotonic() + 30
+    while time.monotonic() < end and datadir.cluster_file(obj.dir).exists():
+        time.sleep(0.05)
+    _ = pid
+    click.echo("vmemu: cluster stopped, every domain ended with a consistency point")
+
+
+# -- looking ---------------------------------------------------------------------------------
+def _age(v: float | None, unit: str = "s") -> str:
+    return "-" if v is None else f"{v:.0f}ms" if unit == "ms" else f"{v:.1f}s"
+
+
+def render_status(raw: dict[str, Any], caption: str = "") -> Table:
+    t = Table(title=f"vmemu cluster {raw['cluster_id']} · {raw['config']['topology']}",
+              caption=caption or None)
+    for col in ("domain", "pid", "state", "partner", "takeover possible", "heartbeat age",
+                "NVLog used", "last CP", "identity served by", "serves"):
+        t.add_column(col)
+    for n in raw["nodes"]:
+        used, cap = n.get("nvlog_used"), n.get("nvlog_capacity")
+        nv = "-" if used is None or not cap else f"{used / 2**20:.1f}/{cap / 2**20:.0f} MiB ({100 * used / cap:.0f}%)"
+        state = n["state"]
+        style = {"serving": "green", "down": "red", "up": "yellow", "booting": "cyan"}.get(state, "")
+        t.add_row(n["name"], str(n["pid"] or "-"), f"[{style}]{state}[/]" if style else state,
+                  n["partner"] or "-", "yes" if n["takeover_possible"] else "no",
+                  _age(n["heartbeat_age_ms"], "ms"), nv, _age(n["last_cp_age_s"]) + (" ago" if n["last_cp_age_s"] is not None else ""),
+                  n["identity_served_by"] or "[red]nobody[/]", ",".join(n["serves"]) or "-")
+    return t
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable (stable, version 1).")
+@click.pass_obj
+def status(obj: Ctx, as_json: bool) -> None:
+    """Domains, their states, partners, NVLog use and who serves each identity."""
+    raw = obj.control().status().raw
+    if as_json:
+        click.echo(json.dumps(raw, indent=2))
+        return
+    console.print(render_status(raw))
+    for n in raw["nodes"]:
+        lt = n.get("last_takeover")
+        if lt:
+            stages = ", ".join(f"{k} {v:.1f}ms" for k, v in lt["stages"].items())
+            console.print(f"last takeover of {n['name']}: by {lt.get('server', '?')} after "
+                          f"{lt['reason']}: {stages}")
+    if raw["grants"]:
+        console.print("grants: " + "; ".join(f"{g['owner']}'s {g['region']} -> {g['grantee']} ({g['mode']})"
+                                             for g in raw["grants"]))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="JSON lines, as stored.")
+@click.option("--last", default=0, help="Only the last N events.")
+@click.option("--kind", multiple=True, help="Only events of this kind (repeatable).")
+@click.pass_obj
+def events(obj: Ctx, as_json: bool, last: int, kind: tuple[str, ...]) -> None:
+    """The cluster's event log (also <data-dir>/events.jsonl)."""
+    path = datadir.events_file(obj.dir)
+    if not path.exists():
+        raise BadRequest(f"no event log in {obj.dir}; has a cluster run there?")
+    evs = read_events(path)
+    if kind:
+        evs = [e for e in evs if e["kind"] in kind]
+    if last:
+        evs = evs[-last:]
+    t0 = evs[0]["t"] if evs else 0
+    for e in evs:
+        if as_json:
+            click.echo(json.dumps(e))
+            continue
+        rest = {k: v for k, v in e.items() if k not in ("t", "mono", "kind", "node")}
+        stamp = time.strftime("%H:%M:%S", time.localtime(e["t"])) + f".{int(e['t'] % 1 * 1000):03d}"
+        fields = " ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in rest.items())
+        click.echo(f"{stamp} +{e['t'] - t0:8.3f}s {e.get('node', ''):<10} {e['kind']:<20} {fields}")
+
+
+# -- breaking and mending --------------------------------------------------------------------
+@cli.command()
+@click.argument("node")
+@click.option("--hang", is_flag=True, help="SIGSTOP instead of kill -9: only the heartbeat can tell.")
+@click.pass_obj
+def crash(obj: Ctx, node: str, hang: bool) -> None:
+    """Kill a guest domain with SIGKILL (or hang it with SIGSTOP)."""
+    res = obj.control().call("crash", {"node": node, "hang": hang})
+    click.echo(f"vmemu: {node} (pid {res['pid']}) {'stopped with SIGSTOP' if hang else 'killed with SIGKILL'}")
+
+
+@cli.command()
+@click.argument("node")
+@click.option("--wait/--no-wait", default=True, help="Wait until the node serves its identity again.")
+@click.option("--timeout", default=60.0, show_default=True)
+@click.pass_obj
+def restart(obj: Ctx, node: str, wait: bool, timeout: float) -> None:
+    """Boot a down domain again; giveback follows (automatic after the configured delay)."""
+    ctl = obj.control()
+    ctl.call("restart", {"node": node})
+    click.echo(f"vmemu: {node} booting")
+    if wait:
+        delay = ctl.config.giveback_delay_s
+        if delay < 0:
+            wait_for(ctl, lambda s: s.node(node)["state"] in ("up", "serving"), timeout, f"{node} to boot")
+            click.echo(f"vmemu: {node} is up; give its identity back with `vmemu giveback {node}`")
+            return
+        wait_for(ctl, lambda s: s.node(node)["identity_served_by"] == node, timeout + max(delay, 0),
+                 f"{node} to serve its identity")
+        click.echo(f"vmemu: {node} serves its identity again")
+
+
+@cli.command()
+@click.argument("node")
+@click.option("--timeout", default=60.0, show_default=True)
+@click.pass_obj
+def giveback(obj: Ctx, node: str, timeout: float) -> None:
+    """Return a node's identity and disks from its partner now."""
+    ctl = obj.control()
+    ctl.call("giveback", {"node": node})
+    wait_for(ctl, lambda s: s.node(node)["identity_served_by"] == node, timeout, f"giveback of {node}")
+    click.echo(f"vmemu: {node} serves its identity again")
+
+
+# -- load and verify -------------------------------------------------------------------------
+@cli.command()
+@click.option("--target", default="node1", show_default=True, help="Node identity to load.")
+@click.option("--workload", type=click.Choice(["randwrite", "randread", "randrw", "seqwrite", "seqread"]),
+              default="randwrite", show_default=True)
+@click.option("--bs", default="4k", show_default=True)
+@click.option("--iodepth", default=16, show_default=True)
+@click.option("--duration", default="10s", show_default=True)
+@click.option("--size", default=None, help="Bytes of the LUN to use (default: all).")
+@click.option("--lun", default=0, show_default=True)
+@click.option("--rwmixread", default=50, show_default=True)
+@click.option("--journal", type=click.Path(dir_okay=False), default=None,
+              help="Record issued/acknowledged writes here for `vmemu verify`.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (stable, version 1).")
+@click.pass_obj
+def load(obj: Ctx, target: str, workload: str, bs: str, iodepth: int, duration: str, size: str | None,
+         lun: int, rwmixread: int, journal: str | None, as_json: bool) -> None:
+    """Drive pipelined block I/O at a node's identity; survives takeover and giveback."""
+    from clients.load import LoadSpec, run_load
+
+    spec = LoadSpec(workload=workload, bs=parse_size(bs), iodepth=iodepth,
+                    duration=parse_duration(duration), size=parse_size(size) if size else None,
+                    lun=lun, rwmixread=rwmixread)
+    ctl = obj.control()
+    endpoint = ctl.endpoint(target)
+
+    def progress(p: dict[str, Any]) -> None:
+        if not as_json and sys.stderr.isatty():
+            console.print(f"[dim]{p['elapsed']:5.1f}s {p['ops']:>9} ops {p['iops']:>9.0f} IOPS "
+                          f"retries {p['retries']} errors {p['errors']}[/]", end="\r")
+
+    summary = run_load(endpoint, spec, Path(journal) if journal else None, target, progress)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    for side in ("write", "read"):
+        s = summary[side]
+        if s["ops"]:
+            c = s["clat_us"]
+            click.echo(f"{side:>5}: IOPS={s['iops']:.0f}, BW={s['bw_mbps']:.1f}MB/s, ops={s['ops']}")
+            click.echo(f"       clat (us): p50={c['p50']:.0f} p90={c['p90']:.0f} p99={c['p99']:.0f} "
+                       f"p99.9={c['p999']:.0f} max={c['max']:.0f}")
+    click.echo(f"total: {summary['ops']} ops in {summary['runtime_s']:.1f}s, retries {summary['retries']}, "
+               f"reconnects {summary['reconnects']}, errors {summary['errors']}")
+    if summary["errors"]:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--journal", type=click.Path(dir_okay=False), required=True)
+@click.option("--target", default=None, help="Identity to read through (default: the journal's).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def verify(obj: Ctx, journal: str, target: str | None, as_json: bool) -> None:
+    """Read back every acknowledged write in a load journal; exit 1 if any is missing."""
+    from clients.journal import Journal
+    from clients.verify import verify as run_verify
+
+    header = Journal.load(Path(journal)).header
+    ctl = obj.control()
+    res = run_verify(ctl.endpoint(target or header.get("identity") or "node1"), Path(journal))
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    else:
+        click.echo(f"verify: {res['ranges']} ranges, {res['acked_writes']} acknowledged writes: "
+                   f"{res['ok']} ok, {res['lost']} lost, {res['corrupt']} corrupt, "
+                   f"{res['unjudged']} never acknowledged (not judged)")
+        for p in res["problems"]:
+            click.echo(f"  problem: {p}")
+        click.echo("verify: PASSED, no acknowledged write lost" if res["passed"] else "verify: FAILED")
+    if not res["passed"]:
+        sys.exit(1)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("vmemu: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"vmemu: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code if exc.exit_code else 2)
+    except VmemuError as exc:
+        click.echo(f"vmemu: {exc.message}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("vmemu: interrupted", err=True)
+        sys.exit(130)
+    except OSError as exc:
+        click.echo(f"vmemu: {exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
