@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     runners = {
         "replay": ("replay_gbps", lambda: replay_bench.run(args.quick)),
         "takeover": ("takeover_ms", lambda: takeover_bench.run(args.quick, args.trials,
-                                                               args.takeover_offsets)),
+                                                               args.takeover_offsets, args.out)),
         "up": ("up_s", lambda: up_bench.run(args.quick)),
     }
     for part in parts:

@@ -10,6 +10,7 @@ restart node1 and wait for the automatic giveback (giveback_delay_s=0).
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import tempfile
 import time
@@ -21,6 +22,7 @@ import numpy as np
 from bench.common import MiB, log, percentile, wait_no_processes
 from storage import nvlog_format as F
 from vmemu.cluster import Cluster, Status
+from vmemu.errors import Timeout
 
 NVRAM_MB = 64
 FILL_TARGET = 0.485  # of the log area; the guest CPs at 0.5
@@ -85,13 +87,31 @@ def _fill(c: Cluster, node: str, target: float, trial: int, pattern: str) -> dic
         raise RuntimeError(f"filling {node}: {errors} of {n} writes failed")
     # The hypervisor learns nvlog_used from heartbeats: wait until it shows our writes.
     want = used + n * rsize
-    s = c.wait_for(lambda s: (s.node(node)["nvlog_used"] or 0) >= want, 10.0,
+    s = _wait(c, lambda s: (s.node(node)["nvlog_used"] or 0) >= want, 10.0,
                    f"{node}'s heartbeat to report {want} NVLog bytes")
     ns = s.node(node)
     return {"writes": n, "write_s": round(secs, 3),
             "write_ops_per_s": round(n / secs, 1) if secs else None,
             "nvlog_used": ns["nvlog_used"], "nvlog_capacity": ns["nvlog_capacity"],
             "fill": round(ns["nvlog_used"] / ns["nvlog_capacity"], 4)}
+
+
+def _summary(c: Cluster) -> str:
+    try:
+        s = c.status()
+    except Exception as exc:  # noqa: BLE001 - only for an error message
+        return f"(status failed: {exc})"
+    keys = ("state", "pid", "identity_served_by", "serves", "takeover_possible", "region",
+            "nvlog_used", "cp_count")
+    return "; ".join(f"{n['name']}: " + ", ".join(f"{k}={n.get(k)}" for k in keys)
+                     for n in s.nodes) + f"; grants={s.raw.get('grants')}"
+
+
+def _wait(c: Cluster, pred: Any, timeout: float, what: str) -> Status:
+    try:
+        return c.wait_for(pred, timeout, what)
+    except Timeout as exc:
+        raise Timeout(f"{exc.message}; cluster: {_summary(c)}") from None
 
 
 def _healthy(s: Status) -> bool:
@@ -122,18 +142,18 @@ def _trial(c: Cluster, trial: int, pattern: str) -> dict[str, Any]:
     finally:
         probe.close()
     ms = (t1 - t0) * 1000
-    s = c.wait_for(lambda s: "first_request_served" in
+    s = _wait(c, lambda s: "first_request_served" in
                    ((s.node("node1")["last_takeover"] or {}).get("stages") or {}),
                    10.0, "the takeover's stages")
     lt = s.node("node1")["last_takeover"]
     served_by = s.node("node1")["identity_served_by"]
     from_kill = _from_kill(c, t0, t1, lt.get("stages") or {})
     # Bring node1 back; giveback_delay_s=0 hands its identity back as soon as it registers.
-    c.wait_for(lambda s: s.node("node1")["state"] == "down" and s.node("node1")["pid"] is None,
+    _wait(c, lambda s: s.node("node1")["state"] == "down" and s.node("node1")["pid"] is None,
                10.0, "node1 to be reaped")
     c.restart("node1")
     t_r = time.monotonic()
-    c.wait_for(lambda s: _healthy(s) and s.node("node1")["identity_served_by"] == "node1",
+    _wait(c, lambda s: _healthy(s) and s.node("node1")["identity_served_by"] == "node1",
                60.0, "node1 to serve its identity again")
     return {"trial": trial, "ms": round(ms, 3), "served_by": served_by,
             "kill_sent_ms": round((crash["mono"] - t0) * 1000, 3), "from_kill": from_kill,
@@ -158,7 +178,23 @@ def _from_kill(c: Cluster, t0: float, t1: float, stages: dict[str, float]) -> di
     return out
 
 
-def run(quick: bool, trials: int | None = None, pattern: str = "seq") -> dict[str, Any]:
+def _keep_diagnostics(data_dir: Path, diag_dir: Path | None) -> Path | None:
+    """Copy the cluster's event log and process logs out of the temp dir after a failure."""
+    if diag_dir is None:
+        return None
+    dest = diag_dir / f"takeover-failure-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        for src in [data_dir / "events.jsonl", *sorted((data_dir / "logs").glob("*.log"))]:
+            if src.exists():
+                shutil.copy2(src, dest / src.name)
+    except OSError:
+        return None
+    return dest
+
+
+def run(quick: bool, trials: int | None = None, pattern: str = "seq",
+        diag_dir: Path | None = None) -> dict[str, Any]:
     trials = trials or (3 if quick else 10)
     disk_mb = _disk_mb(trials)
     with tempfile.TemporaryDirectory(prefix="vmemu-bench-takeover-") as tmp:
@@ -168,12 +204,19 @@ def run(quick: bool, trials: int | None = None, pattern: str = "seq") -> dict[st
         try:
             with Cluster(nodes=2, data_dir=data_dir, nvram_mb=NVRAM_MB, cp_interval_s=600.0,
                          giveback_delay_s=0.0, disk_mb=disk_mb) as c:
-                c.wait_for(_healthy, 30.0, "both nodes serving, each able to take over")
+                _wait(c, _healthy, 30.0, "both nodes serving, each able to take over")
                 for i in range(trials):
                     r = _trial(c, i, pattern)
                     log(f"takeover {i + 1}/{trials}: {r['ms']:.1f} ms (fill {r['fill']:.3f}, "
                         f"{(r['replay'] or {}).get('records')} records replayed)")
                     results.append(r)
+        except Exception as exc:
+            leftover = wait_no_processes(str(data_dir))
+            kept = _keep_diagnostics(data_dir, diag_dir)
+            raise RuntimeError(f"trial {len(results) + 1}/{trials} failed: "
+                               f"{type(exc).__name__}: {exc}"
+                               + (f" (event log and process logs kept in {kept})" if kept else "")
+                               ) from exc
         finally:
             leftover = wait_no_processes(str(data_dir))
         if leftover:

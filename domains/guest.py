@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import mmap
 import os
 import secrets
@@ -18,7 +19,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -103,6 +104,39 @@ class Guest:
                                "mode": reply["mode"]})
         return buf
 
+    def _probe_write(self, region: int) -> dict[str, str]:
+        """Try every way of writing a granted region; report what the kernel said to each.
+
+        For teaching and tests: with a read-only grant each attempt must fail with an OS
+        error (EACCES, EBADF or EPERM), not a Python-level check.
+        """
+        reply, fd = fdbroker.request(self.fd_name, {"op": "map", "node": self.node, "region": region})
+        if not reply.get("ok") or fd is None:
+            raise NotGranted(reply.get("error", {}).get("message", f"no grant for region {region:#x}"))
+        out = {"grant_mode": reply["mode"]}
+
+        def attempt(name: str, fn: Callable[[], Any]) -> None:
+            try:
+                fn()
+                out[name] = "allowed"
+            except OSError as exc:
+                out[name] = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+        def reopen_and_write() -> None:
+            fd2 = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+            try:
+                os.pwrite(fd2, b"\0", 0)
+            finally:
+                os.close(fd2)
+
+        try:
+            attempt("mmap_read_write", lambda: shm.map_read_write(fd).close())
+            attempt("pwrite", lambda: os.pwrite(fd, b"\0", 0))
+            attempt("reopen_read_write_and_pwrite", reopen_and_write)
+        finally:
+            os.close(fd)
+        return out
+
     # -- reporting ---------------------------------------------------------------------------
     def _event(self, kind: str, fields: dict[str, Any], mono: float | None = None) -> None:
         self.uplink.notify("event", {"node": self.node, "kind": kind, "fields": fields,
@@ -133,6 +167,8 @@ class Guest:
         if req.op == "map":
             self._map_region(codec.arg(req, "region", int), codec.arg(req, "owner", int))
             return {}
+        if req.op == "probe_write":
+            return self._probe_write(codec.arg(req, "region", int))
         if req.op == "shutdown":
             self.stop = True
             return {}

@@ -73,8 +73,13 @@ class Disk:
         except OSError:
             os.close(fd)
             raise
-        disk = cls(path, fd, hdr, epoch)
-        disk.check_epoch()
+        try:
+            disk = cls(path, fd, hdr, epoch)
+            disk.check_epoch()
+        except BaseException:
+            hdr.close()
+            os.close(fd)
+            raise
         return disk
 
     def close(self) -> None:

@@ -110,10 +110,6 @@ def fds_open_on(path: Path) -> list[str]:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: storage/disk.py Disk.open closes its descriptor only when mmap() fails; when the "
-    "constructor refuses the header (ValueError) or check_epoch() raises Fenced, the fd and "
-    "the header mapping leak (one per refused assign in a guest)"))
 @pytest.mark.parametrize("case", ["not_a_disk", "stale_epoch"])
 def test_refused_open_leaves_no_descriptor_open(tmp_path: Path, case: str) -> None:
     p = tmp_path / "d.img"

@@ -409,15 +409,14 @@ def test_cp_done_from_an_old_region_or_for_an_identity_not_served_changes_nothin
     assert cl.c.__dict__ == before
 
 
-# -- bugs found --------------------------------------------------------------------------------
-ASSIGN_WINDOW_BUG = (
-    "BUG: failover.py _on_Failed clears an ('assign', f) transit without keeping f's region in "
+# -- regressions (bugs found by these tests, now fixed) ---------------------------------------
+ASSIGN_WINDOW = (
+    "Regression: failover.py _on_Failed once cleared an ('assign', f) transit without keeping f's region in "
     "the identity's chain, but the guest binds the identity, and so acknowledges writes into "
     "its own region, before its assign reply is processed: those writes are never replayed "
     "(and at boot the region is even freed)")
 
 
-@pytest.mark.xfail(strict=True, reason=ASSIGN_WINDOW_BUG)
 def test_writes_acknowledged_by_a_node_that_dies_before_assign_done_stay_in_the_chain() -> None:
     cl = Cluster(2, "pairs")
     r = cl.boot()
@@ -428,7 +427,6 @@ def test_writes_acknowledged_by_a_node_that_dies_before_assign_done_stay_in_the_
     assert own and r[2] in own[0].chain
 
 
-@pytest.mark.xfail(strict=True, reason=ASSIGN_WINDOW_BUG)
 def test_region_of_a_node_that_dies_right_after_its_boot_assign_is_kept_for_replay() -> None:
     cl = Cluster(2, "pairs")
     cl.ev(Spawned(1))
@@ -441,10 +439,6 @@ def test_region_of_a_node_that_dies_right_after_its_boot_assign_is_kept_for_repl
     assert Assign(2, 1, (r1,), "takeover") in acts
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: failover.py _on_Registered schedules the automatic giveback only when the identity is "
-    "already served by the partner; when the owner registers while the takeover is still in "
-    "transit, _on_AssignDone never schedules it and the owner stays up without its identity"))
 def test_owner_registering_during_the_takeover_still_gets_its_automatic_giveback() -> None:
     cl = Cluster(2, "pairs", delay=2.0)
     r = cl.boot()
@@ -620,9 +614,6 @@ def test_random_event_sequences_keep_the_failover_invariants(
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # hypothesis' failure report
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: failover.py _on_Failed drops the region of a node that dies while an identity is "
-    "being assigned to it (see test_writes_acknowledged_by_a_node_that_dies_before_...)"))
 @settings(max_examples=250, deadline=None, derandomize=True, database=None,
           phases=[Phase.generate], report_multiple_bugs=False,
           suppress_health_check=[HealthCheck.too_slow])

@@ -197,9 +197,15 @@ class Coordinator:
             return []
         self.state[f] = DOWN
         acts: list[Action] = [Log("failure_detected", f, {"reason": ev.reason}), Fence(f)]
-        if self.region[f] is not None:
-            self.dead_regions.add(self.region[f])  # type: ignore[arg-type]
+        dead = self.region[f]
+        if dead is not None:
+            self.dead_regions.add(dead)
             self.region[f] = None
+            # A node binds an identity (and acknowledges writes into its own region) before its
+            # AssignDone reaches us: if it dies in between, its region must join the chain.
+            for ident in self.identities.values():
+                if ident.transit == ("assign", f) and dead not in ident.chain:
+                    ident.chain.append(dead)
         self.giveback_due.pop(f, None)
         for ident in self.identities.values():
             if ident.served_by == f or ident.transit in (("assign", f), ("release", f)):
@@ -224,6 +230,9 @@ class Coordinator:
             ident.chain.append(ev.region)
         if ev.identity == ev.node:
             self.state[ev.node] = SERVING
+        elif self.state[ev.identity] == UP and self.giveback_delay >= 0:
+            # The owner registered while this takeover was still replaying.
+            self.giveback_due.setdefault(ev.identity, now + self.giveback_delay)
         return []
 
     def _on_ReleaseDone(self, ev: ReleaseDone, now: float) -> list[Action]:

@@ -25,7 +25,7 @@ from vmemu import datadir
 from vmemu.bus import codec
 from vmemu.bus.rpc import AsyncRpcClient, RpcServer
 from vmemu.config import ClusterConfig, node_index, partner_of
-from vmemu.errors import BadRequest, InvalidState, UnknownNode, VmemuError
+from vmemu.errors import BadRequest, InvalidState, NotGranted, UnknownNode, VmemuError
 from vmemu.hypervisor import failover as fo
 from vmemu.hypervisor.events import EventLog
 from vmemu.hypervisor.fdbroker import FdBroker
@@ -355,11 +355,44 @@ class Hypervisor:
             node = self._node_arg(req)
             self._apply(self.coord.handle(fo.GivebackRequested(node), now))
             return {"node": f"node{node}"}
+        if op == "probe":
+            return self._probe(peer, req)
         if op == "shutdown":
             self.stopping = (peer, req.id)
             self.stop_requested = True
             return _DEFERRED
         raise BadRequest(f"unknown control op {op!r}")
+
+    def _probe(self, peer: bytes, req: codec.Request) -> Any:
+        """Ask a guest to try something a domain should not be able to do, and report.
+
+        what = "write_partner": write the region of the node it maps (must fail in the OS);
+        what = "map": map `region` (must fail unless granted).
+        """
+        node = self._node_arg(req)
+        what = codec.arg(req, "what", str)
+        g = self.guests.get(node)
+        if g is None or not self.coord.alive(node):
+            raise InvalidState(f"node{node} is not running")
+        if what == "write_partner":
+            region = next((r for (r, n) in self.grants.grants if n == node), None)
+            if region is None:
+                raise NotGranted(f"node{node} holds no grant to probe")
+            op, args = "probe_write", {"region": region}
+        elif what == "map":
+            op, args = "map", {"region": codec.arg(req, "region", int), "owner": 0}
+        else:
+            raise BadRequest(f"unknown probe {what!r}; choose write_partner or map")
+
+        def done(res: Any, err: VmemuError | None) -> None:
+            if err is not None:
+                self.control.reply_error(peer, req.id, err)
+            else:
+                self.control.reply(peer, req.id, res)
+                self.events.emit("probe", node, what=what, result=res)
+
+        g.call(op, args, 10.0, done)
+        return _DEFERRED
 
     def _guest_event(self, req: codec.Request) -> None:
         node = self._node_arg(req)

@@ -1,0 +1,82 @@
+"""Fixtures that start real clusters (real processes, memfds, ZeroMQ sockets, disk files).
+
+Each cluster gets its own data dir under the test's tmp_path and its own random cluster id,
+which names every socket: tests run in parallel under xdist without sharing anything.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+import pytest
+
+from vmemu.cluster import Cluster, Status
+
+TEST_DEFAULTS: dict[str, Any] = dict(
+    disk_mb=32, nvram_mb=16, disks=2, heartbeat_ms=50, heartbeat_misses=10,
+    giveback_delay_s=-1.0, cp_interval_s=5.0,
+)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes; read its state.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def warm_numba_cache():
+    """Compile (or load) the replay kernels once per worker before any domain needs them."""
+    from storage import replay
+
+    replay.warm()
+
+
+@pytest.fixture
+def make_cluster(tmp_path):
+    started: list[Cluster] = []
+    pids: set[int] = set()
+
+    def make(nodes: int = 2, **config: Any) -> Cluster:
+        cfg = dict(TEST_DEFAULTS, **config)
+        c = Cluster(nodes=nodes, data_dir=tmp_path / f"cluster{len(started)}", **cfg)
+        started.append(c)
+        c.start(timeout=240)
+        pids.add(c.proc.pid)  # type: ignore[union-attr]
+        return c
+
+    def track(status: Status) -> None:
+        pids.update(n["pid"] for n in status.nodes if n["pid"])
+
+    make.track = track  # type: ignore[attr-defined]
+    yield make
+    for c in started:
+        try:
+            if c.ctl is not None:
+                track(c.status())
+        except Exception:
+            pass
+        c.stop()
+    wait_until(lambda: not any(alive(p) for p in pids), 20, "every vmemu process to exit")
+
+
+def served_by(c: Cluster, node: str) -> str | None:
+    return c.status().node(node)["identity_served_by"]
