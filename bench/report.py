@@ -79,6 +79,9 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             (f"takeover p50 (ms, n={tk.get('n')})", _fmt(tk.get("p50")), "", ""),
             (f"takeover p99 (ms, n={tk.get('n')})", _fmt(tk.get("p99")), target("takeover_p99"),
              verdict("takeover_p99")),
+            ("failed takeover trials (recovered, excluded)", _fmt(tk.get("failed_trials")),
+             "0", "-" if tk.get("failed_trials") is None else
+             ("PASS" if tk.get("failed_trials") == 0 else "FAIL")),
             ("NVLog fill at crash (min)", _fmt(fill), ">= 0.45", "-" if fill is None else
              ("PASS" if fill >= 0.45 else "FAIL")),
             ("replayed records / MB (median)",

@@ -29,6 +29,7 @@ FILL_TARGET = 0.485  # of the log area; the guest CPs at 0.5
 DEPTH = 32
 PAYLOAD = 4096
 TARGET_P99_MS = 200.0
+MAX_FAILED_TRIALS = 3  # a failed trial is recorded and the cluster recovered, up to this many
 
 
 def _records_per_trial() -> int:
@@ -193,6 +194,28 @@ def _keep_diagnostics(data_dir: Path, diag_dir: Path | None) -> Path | None:
     return dest
 
 
+def _recent_events(c: Cluster, n: int = 40) -> list[dict[str, Any]]:
+    keep = ("kind", "node", "mono", "reason", "ms", "silent_ms", "limit_ms", "identity", "error",
+            "detail")
+    try:
+        return [{k: e[k] for k in keep if k in e} for e in c.events()[-n:]]
+    except Exception:  # noqa: BLE001 - diagnostics only
+        return []
+
+
+def _recover(c: Cluster) -> bool:
+    """After a failed trial: restart whatever is down and wait for a healthy pair again."""
+    try:
+        for n in c.status().nodes:
+            if n["state"] in ("down", "stopped") and n["pid"] is None:
+                c.restart(n["name"])
+        _wait(c, _healthy, 60.0, "both nodes serving again after a failed trial")
+        return True
+    except Exception as exc:  # noqa: BLE001
+        log(f"takeover: could not recover the cluster: {exc}")
+        return False
+
+
 def run(quick: bool, trials: int | None = None, pattern: str = "seq",
         diag_dir: Path | None = None) -> dict[str, Any]:
     trials = trials or (3 if quick else 10)
@@ -200,21 +223,34 @@ def run(quick: bool, trials: int | None = None, pattern: str = "seq",
     with tempfile.TemporaryDirectory(prefix="vmemu-bench-takeover-") as tmp:
         data_dir = Path(tmp) / "data"
         log(f"takeover: 2-node cluster in {data_dir}, {trials} trials")
-        results = []
+        results: list[dict[str, Any]] = []
+        failures: list[dict[str, Any]] = []
+        kept = None
         try:
             with Cluster(nodes=2, data_dir=data_dir, nvram_mb=NVRAM_MB, cp_interval_s=600.0,
                          giveback_delay_s=0.0, disk_mb=disk_mb) as c:
                 _wait(c, _healthy, 30.0, "both nodes serving, each able to take over")
-                for i in range(trials):
-                    r = _trial(c, i, pattern)
-                    log(f"takeover {i + 1}/{trials}: {r['ms']:.1f} ms (fill {r['fill']:.3f}, "
+                for i in range(trials + MAX_FAILED_TRIALS):
+                    if len(results) == trials:
+                        break
+                    try:
+                        r = _trial(c, i, pattern)
+                    except Exception as exc:  # noqa: BLE001 - recorded, then recovered from
+                        failures.append({"trial": i, "error": f"{type(exc).__name__}: {exc}",
+                                         "events": _recent_events(c)})
+                        log(f"takeover trial {i + 1} failed: {type(exc).__name__}: {exc}")
+                        kept = kept or _keep_diagnostics(data_dir, diag_dir)
+                        if len(failures) > MAX_FAILED_TRIALS or not _recover(c):
+                            raise
+                        continue
+                    log(f"takeover {len(results) + 1}/{trials}: {r['ms']:.1f} ms "
+                        f"(fill {r['fill']:.3f}, "
                         f"{(r['replay'] or {}).get('records')} records replayed)")
                     results.append(r)
         except Exception as exc:
-            leftover = wait_no_processes(str(data_dir))
-            kept = _keep_diagnostics(data_dir, diag_dir)
-            raise RuntimeError(f"trial {len(results) + 1}/{trials} failed: "
-                               f"{type(exc).__name__}: {exc}"
+            kept = kept or _keep_diagnostics(data_dir, diag_dir)
+            raise RuntimeError(f"takeover trials stopped after {len(results)} good and "
+                               f"{len(failures)} failed: {type(exc).__name__}: {exc}"
                                + (f" (event log and process logs kept in {kept})" if kept else "")
                                ) from exc
         finally:
@@ -266,6 +302,9 @@ def run(quick: bool, trials: int | None = None, pattern: str = "seq",
         "write_ops_per_s_median": statistics.median([r["write_ops_per_s"] or 0 for r in results]),
         "p99_note": (f"percentile with linear interpolation over n={len(ms)}: with few trials "
                      "p99 is close to the maximum"),
+        "failed_trials": len(failures),
+        "failures": failures,
+        "diagnostics_dir": str(kept) if kept else None,
         "trials": results,
         "leftover_processes": leftover,
         "config": {"nodes": 2, "nvram_mb": NVRAM_MB, "cp_interval_s": 600.0,

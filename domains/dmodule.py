@@ -28,6 +28,8 @@ from storage.nvlog import NVLogWriter, RegionHeader, log_view
 from vmemu.errors import UnknownLun, VmemuError
 
 DEDUP_PER_CLIENT = 8192
+DEDUP_CLIENTS = 1024
+CARRY_PER_CLIENT = 1024  # how much of the table survives a CP, per client
 
 
 @dataclass
@@ -47,7 +49,8 @@ class ExactlyOnce:
     """Recent (client, request) pairs that were applied: a retried write is not applied twice."""
 
     def __init__(self) -> None:
-        self.seen: dict[int, collections.OrderedDict[int, None]] = {}
+        self.seen: collections.OrderedDict[int, collections.OrderedDict[int, None]] = \
+            collections.OrderedDict()
 
     def applied(self, client: int, request: int) -> bool:
         return client != 0 and request in self.seen.get(client, ())
@@ -55,10 +58,33 @@ class ExactlyOnce:
     def record(self, client: int, request: int) -> None:
         if client == 0:
             return
-        reqs = self.seen.setdefault(client, collections.OrderedDict())
+        reqs = self.seen.get(client)
+        if reqs is None:
+            reqs = self.seen[client] = collections.OrderedDict()
+            if len(self.seen) > DEDUP_CLIENTS:
+                self.seen.popitem(last=False)
+        else:
+            self.seen.move_to_end(client)
         reqs[request] = None
         if len(reqs) > DEDUP_PER_CLIENT:
             reqs.popitem(last=False)
+
+    def snapshot(self, per_client: int, limit_pairs: int) -> bytes:
+        """The most recent pairs of the most recent clients, as (client, request) u64 pairs."""
+        pairs: list[int] = []
+        for client in reversed(self.seen):
+            reqs = list(self.seen[client])[-per_client:]
+            take = min(len(reqs), (limit_pairs - len(pairs) // 2))
+            if take <= 0:
+                break
+            for r in reqs[-take:]:
+                pairs += (client, r)
+        return np.asarray(pairs, dtype="<u8").tobytes()
+
+    def load(self, payload: bytes) -> None:
+        arr = np.frombuffer(payload, dtype="<u8")
+        for i in range(0, len(arr) - 1, 2):
+            self.record(int(arr[i]), int(arr[i + 1]))
 
 
 class DModule:
@@ -74,6 +100,7 @@ class DModule:
         self.dedup = ExactlyOnce()
         self.emit = emit
         self.ops = 0
+        self.writes_since_cp = 0
         self.cp_count = 0
         self.last_cp = time.monotonic()
         self.last_cp_info: dict[str, Any] = {}
@@ -99,6 +126,7 @@ class DModule:
         lun.write_cached(offset, data)
         self.dedup.record(client, request)
         self.ops += 1
+        self.writes_since_cp += 1
         return seq
 
     def read(self, identity: int, lun_index: int, offset: int, length: int) -> bytes:
@@ -111,6 +139,9 @@ class DModule:
         self.lun(identity, lun_index)
 
     # -- consistency points ------------------------------------------------------------------
+    def cp_needed(self) -> bool:
+        return self.writes_since_cp > 0 or any(s.needs_sync for s in self.served.values())
+
     def log_fill(self) -> float:
         return self.log.used / self.log.capacity
 
@@ -131,6 +162,8 @@ class DModule:
             served.needs_sync = False
             served.replayed.clear()
         self.log.reset()
+        self._carry_dedup()
+        self.writes_since_cp = 0
         self.cp_count += 1
         self.last_cp = time.monotonic()
         info = {"reason": reason, "blocks": blocks, "ms": round((self.last_cp - t0) * 1000, 3),
@@ -139,6 +172,12 @@ class DModule:
         self.last_cp_info = info
         self.emit("cp_done", info, t0)
         return info
+
+    def _carry_dedup(self) -> None:
+        limit = max(0, (self.log.capacity // 8 - F.record_size(0)) // 16)
+        payload = self.dedup.snapshot(CARRY_PER_CLIENT, min(limit, 32768))
+        if payload:
+            self.log.append(F.DEDUP_LUN, 0, payload, flags=F.FLAG_DEDUP)
 
     # -- serving identities ------------------------------------------------------------------
     def open_identity(self, identity: int, epoch: int, reason: str) -> Served:
@@ -174,17 +213,20 @@ class DModule:
                 total["records"] += int(recs)
                 total["bytes"] += int(nbytes)
                 total["bad"] += int(bad)
-            self._rebuild_dedup(index, int(count), set(arrays))
+            self._rebuild_dedup(log, index, int(count), set(arrays))
             served.replayed[region_id] = hdr.base_seq + int(count) - 1
             served.needs_sync = True
         total["ms"] = round((time.monotonic() - t0) * 1000, 3)
         return total
 
-    def _rebuild_dedup(self, index: np.ndarray, count: int, gids: set[int]) -> None:
-        rows = index[:count]
-        for row in rows:
-            if int(row[F.IDX_LUN]) in gids:
+    def _rebuild_dedup(self, log: np.ndarray, index: np.ndarray, count: int, gids: set[int]) -> None:
+        for row in index[:count]:
+            gid = int(row[F.IDX_LUN])
+            if gid in gids:
                 self.dedup.record(int(row[F.IDX_CLIENT]), int(row[F.IDX_REQUEST]))
+            elif gid == F.DEDUP_LUN:
+                pos = int(row[F.IDX_POS]) + F.RECORD_HEADER
+                self.dedup.load(bytes(log[pos:pos + int(row[F.IDX_LENGTH])]))
 
     def release_identity(self, identity: int) -> dict[str, Any]:
         """Giveback: make the identity's disks hold everything, then let go of them."""

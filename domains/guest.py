@@ -229,9 +229,8 @@ class Guest:
                 self._cp("timer" if now >= self.next_cp else "log_half_full")
 
     def _cp(self, reason: str) -> None:
-        d = self.dmodule
-        if d.log.used or any(s.needs_sync for s in d.served.values()):
-            d.consistency_point(reason)
+        if self.dmodule.cp_needed():
+            self.dmodule.consistency_point(reason)
         self.next_cp = time.monotonic() + self.cfg.cp_interval_s
 
     def _drain_control(self) -> None:

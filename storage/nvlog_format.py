@@ -58,6 +58,12 @@ ALIGN = 8
 
 FLAG_WRITE = 0
 FLAG_ZERO = 1  # payload empty: write `offset..offset+pad` as zeros (reserved for later protocols)
+FLAG_DEDUP = 2  # payload: (client u64, request u64) pairs of the exactly-once table
+
+# Global LUN id 0 names no LUN (node indexes start at 1): records on it are never applied to a
+# disk. The first record of every log generation is one, carrying the exactly-once table across
+# the CP that emptied the log.
+DEDUP_LUN = 0
 
 # Columns of the index that scan() returns, one row per valid record.
 IDX_POS = 0  # byte position of the record in the log area

@@ -172,7 +172,7 @@ def test_retry_is_still_recognised_after_a_consistency_point(node1: Node) -> Non
     d.write(1, 0, 0, b"\x01" * 512, 9, 1)
     d.consistency_point("test")
     assert d.write(1, 0, 0, b"\x02" * 512, 9, 1) == 0
-    assert d.log.records == 0
+    assert d.log.records == 1  # only the exactly-once table, carried into the new generation
 
 
 @pytest.mark.parametrize("offset,data,error", [
@@ -199,14 +199,15 @@ def test_consistency_point_writes_data_sets_applied_and_resets_the_log(node1: No
     assert info["seq"] == 30 and info["region"] == R1 and info["identities"] == [1]
     assert info["blocks"] > 0 and d.cp_count == 1
     assert [e[:2] for e in node1.events] == [("cp_done", info)]
-    assert d.log.used == 0 and d.log.records == 0 and d.log.generation == gen + 1
+    # The new generation holds one record: the exactly-once table carried across the CP.
+    assert d.log.records == 1 and d.log.generation == gen + 1
     served = d.served[1]
     for lun in served.luns:
         assert lun.dirty == {}
         assert lun.disk.applied() == {R1: 30}
         assert lun.disk.read(0, DISK_SIZE) == bytes(model.luns[lun.index])
     assert_reads(d, 1, model)
-    assert d.write(1, 0, 0, b"\x09" * 512, 1, 1) == 31  # the sequence goes on
+    assert d.write(1, 0, 0, b"\x09" * 512, 1, 1) == 32  # the sequence goes on (31: the table)
 
 
 def test_a_full_log_triggers_a_consistency_point_and_no_write_is_lost(fds: Fds,
@@ -217,7 +218,8 @@ def test_a_full_log_triggers_a_consistency_point_and_no_write_is_lost(fds: Fds,
     for k in range(23):
         n.d.write(1, k % DISKS, (k % 7) * BLOCK, block(k), 3, k + 1)
         model.write(k % DISKS, (k % 7) * BLOCK, block(k))
-    assert n.d.cp_count == 4
+    # 5 blocks fit the first generation, 4 each later one (the carried table takes a slot).
+    assert n.d.cp_count == 5
     assert all(e[1]["reason"] == "log_full" for e in n.events)
     assert_reads(n.d, 1, model)
 
@@ -247,8 +249,8 @@ def test_partner_replay_of_a_read_only_mapping_shows_every_acknowledged_write(
     served = b.d.open_identity(1, epoch, "takeover")
     rep = b.d.replay_chain(served, [(R1, a.read_only_view())])
     assert rep["records"] == len(after_cp) and rep["bad"] == 0 and rep["regions"] == 1
-    assert rep["scanned"] == len(after_cp)
-    assert served.replayed == {R1: 25 + len(after_cp)}
+    assert rep["scanned"] == len(after_cp) + 1  # and the carried exactly-once table
+    assert served.replayed == {R1: 25 + 1 + len(after_cp)}
     assert_reads(b.d, 1, model)
     # A client retrying a write node1 acknowledged is recognised by node2.
     lun, off, data, req = after_cp[-1]
@@ -258,7 +260,7 @@ def test_partner_replay_of_a_read_only_mapping_shows_every_acknowledged_write(
     b.d.consistency_point("after takeover")
     for lun in range(DISKS):
         assert on_disk(data_dir, 1, lun) == bytes(model.luns[lun])
-    assert b.d.served[1].luns[0].disk.applied() == {R1: 25 + len(after_cp), R2: 0}
+    assert b.d.served[1].luns[0].disk.applied() == {R1: 25 + 1 + len(after_cp), R2: 0}
 
 
 def test_replaying_twice_equals_replaying_once(fds: Fds, data_dir: Path) -> None:
@@ -331,3 +333,29 @@ def test_release_identity_makes_the_disks_hold_everything_and_lets_go(node1: Nod
         assert on_disk(data_dir, 1, lun) == bytes(model.luns[lun])
     with pytest.raises(UnknownLun):
         node1.d.read(1, 0, 0, 512)
+
+
+def test_exactly_once_table_survives_a_cp_and_a_takeover(fds, make_disks, tmp_path) -> None:
+    """A write acknowledged, then flushed by a CP, then retried at the partner: applied once."""
+    from domains.dmodule import DModule
+    from storage import region as shm
+
+    owner_fd, owner_buf = fds.region(1, 0x101, 1 << 20)
+    make_disks(1, 2)
+    owner = DModule(1, tmp_path, 2, owner_buf, 0x101, lambda *a: None)
+    owner.open_identity(1, epoch=0, reason="boot")
+    owner.write(1, 0, 0, b"a" * 4096, client=77, request=5)
+    owner.consistency_point("test")
+    owner.write(1, 0, 4096, b"b" * 4096, client=78, request=1)
+    ro = fds.map(shm.map_read_only(fds.track(shm.reopen_read_only(owner_fd))))
+    _, partner_buf = fds.region(2, 0x202, 1 << 20)
+    partner = DModule(2, tmp_path, 2, partner_buf, 0x202, lambda *a: None)
+    owner.close()  # the owner is gone; its disks and its log remain
+    served = partner.open_identity(1, epoch=0, reason="takeover")
+    partner.replay_chain(served, [(0x101, ro)])
+    assert partner.dedup.applied(77, 5)  # carried across the CP in the dedup record
+    assert partner.dedup.applied(78, 1)  # from the write record itself
+    assert partner.write(1, 0, 0, b"z" * 4096, client=77, request=5) == 0
+    assert partner.read(1, 0, 0, 4096) == b"a" * 4096
+    assert partner.read(1, 0, 4096, 4096) == b"b" * 4096
+    partner.close()
