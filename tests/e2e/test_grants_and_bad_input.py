@@ -136,3 +136,26 @@ def test_exactly_once_for_a_retried_write(make_cluster):
             done = first.poll(1.0)
         assert done[0].ok and done[0].result["seq"] == 0
         assert second.read(0, 0, 4096) == b"2" * 4096
+
+
+def test_exactly_once_across_takeover_and_giveback(make_cluster):
+    c = make_cluster(nodes=2)
+    with c.client("node1") as retrier, c.client("node1") as other:
+        args = {"lun": 0, "offset": 8192, "data": b"1" * 4096}
+        req = retrier.next_id()
+        retrier.submit("write", args, req_id=req)
+        while not retrier.poll(1.0):
+            pass
+        c.crash("node1")
+        c.wait_for(lambda s: s.node("node1")["identity_served_by"] == "node2", 20, "takeover")
+        other.write(0, 8192, b"2" * 4096)
+        c.restart("node1")
+        c.wait_for(lambda s: s.node("node1")["state"] == "up", 30, "node1 to boot")
+        c.giveback("node1")
+        c.wait_for(lambda s: s.node("node1")["identity_served_by"] == "node1", 20, "giveback")
+        retrier.submit("write", args, req_id=req)  # the retry arrives at the owner, after all that
+        done = []
+        while not done:
+            done = retrier.poll(1.0)
+        assert done[0].ok and done[0].result["seq"] == 0
+        assert other.read(0, 8192, 4096) == b"2" * 4096

@@ -242,9 +242,12 @@ class Coordinator:
         ident.transit = None
         if not ev.ok:
             return [Log("giveback_failed", ev.node, {"identity": ev.identity, "error": ev.error})]
-        # The releasing node ended with a CP of this identity: its disks hold everything.
+        # The releasing node ended with a CP of this identity: its disks hold everything. Its
+        # region stays in the chain only for the exactly-once table that starts its new log
+        # generation, so the owner does not apply a retried write twice across the giveback.
         ident.served_by = None
-        ident.chain.clear()
+        releaser = self.region.get(ev.node)
+        ident.chain[:] = [releaser] if releaser is not None else []
         return self._place(ident) + self._free()
 
     def _on_CpDone(self, ev: CpDone, now: float) -> list[Action]:
