@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
@@ -99,13 +99,19 @@ def up(obj: Ctx, nodes: int, topology: str, detach: bool, heartbeat_ms: int, hea
         console.print(f"vmemu: {nodes} nodes serving in {took:.1f}s (data dir {obj.dir}); "
                       "`vmemu status` to look, `vmemu down` to stop")
         return
+    def view(caption: str) -> Group:
+        evs = read_events(datadir.events_file(obj.dir))[-8:]
+        lines = [f"[dim]{time.strftime('%H:%M:%S', time.localtime(e['t']))}[/] "
+                 f"{e.get('node', ''):<10} {e['kind']}" for e in evs]
+        return Group(render_status(ctl.status().raw, caption), *lines)
+
     try:
-        with Live(render_status(ctl.status().raw, f"serving in {took:.1f}s · Ctrl-C stops"),
-                  console=console, refresh_per_second=4) as live:
+        with Live(view(f"serving in {took:.1f}s · Ctrl-C stops the cluster"), console=console,
+                  refresh_per_second=4) as live:
             while proc.poll() is None:
                 time.sleep(0.25)
                 try:
-                    live.update(render_status(ctl.status().raw, "Ctrl-C stops the cluster"))
+                    live.update(view("Ctrl-C stops the cluster"))
                 except VmemuError:
                     pass
     except KeyboardInterrupt:

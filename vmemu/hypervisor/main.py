@@ -216,6 +216,8 @@ class Hypervisor:
         return epoch
 
     def _grant(self, region: int, grantee: int) -> None:
+        if self.grants.grants.get((region, grantee)) == self.cfg.grant_mode:
+            return  # already granted (and mapped, at the grantee's boot)
         try:
             self.grants.grant(region, grantee, self.cfg.grant_mode)
         except VmemuError as exc:
@@ -420,7 +422,8 @@ class Hypervisor:
         nodes = []
         for n in range(1, self.cfg.nodes + 1):
             child = self.sup.children.get(n)
-            st = self.stats.get(n, {})
+            # A down node's figures are its dead incarnation's: show none rather than stale ones.
+            st = self.stats.get(n, {}) if self.coord.alive(n) else {}
             age = self.monitor.age(n, now)
             ident = self.coord.identities[n]
             nodes.append({
