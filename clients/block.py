@@ -18,7 +18,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from vmemu.bus import codec
-from vmemu.bus.rpc import make_socket
+from vmemu.bus.rpc import make_socket, ready_replies
 from vmemu.errors import Timeout, VmemuError, from_wire
 
 
@@ -98,17 +98,7 @@ class BlockClient:
             poller.poll(max(1, int(wait * 1000)))
 
     def _drain(self, out: list[Completion]) -> None:
-        while True:
-            try:
-                frame = self.sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg = codec.decode(frame)
-            except codec.FrameError:
-                continue
-            if not isinstance(msg, codec.Reply):
-                continue
+        for msg in ready_replies(self.sock):
             p = self.pending.get(msg.id)
             if p is None:
                 continue  # an answer to a retry we already had an answer for

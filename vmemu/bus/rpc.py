@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import zmq
 
@@ -27,6 +27,21 @@ def make_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
     sock.setsockopt(zmq.RECONNECT_IVL, 5)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 50)
     return sock
+
+
+def ready_replies(sock: zmq.Socket) -> Iterator[codec.Reply]:
+    """Every reply already queued on a DEALER, decoded; undecodable frames are dropped."""
+    while True:
+        try:
+            frame = sock.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        try:
+            msg = codec.decode(frame)
+        except codec.FrameError:
+            continue
+        if isinstance(msg, codec.Reply):
+            yield msg
 
 
 @dataclass
@@ -132,17 +147,7 @@ class AsyncRpcClient:
         self.sock.send(codec.encode_request(req_id, op, args))
 
     def on_readable(self) -> None:
-        while True:
-            try:
-                frame = self.sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg = codec.decode(frame)
-            except codec.FrameError:
-                continue
-            if not isinstance(msg, codec.Reply):
-                continue
+        for msg in ready_replies(self.sock):
             entry = self._pending.pop(msg.id, None)
             if entry is None:
                 continue  # the call already timed out
