@@ -50,22 +50,37 @@ def _offset(pattern: str, trial: int, k: int, blocks: int, per_lun: int,
     return ((trial * per_lun + k) % blocks) * PAYLOAD
 
 
-def _fill(c: Cluster, node: str, target: float, trial: int, pattern: str) -> dict[str, Any]:
-    """Write 4 KiB blocks into `node` until its NVLog holds `target` of its capacity.
+def _fresh_node(c: Cluster, node: str) -> dict[str, Any]:
+    """`node`'s row from a status whose figures come from a heartbeat sent after this call."""
+    time.sleep(3 * c.cfg.heartbeat_ms / 1000.0)
+    return c.status().node(node)
 
-    pattern "seq": each LUN gets a sequential run of blocks that no earlier trial wrote
-    (so every trial replays onto never-written blocks of the sparse disk images, the same
-    condition each time); "random": uniformly random blocks over the whole LUN.
+
+def _settle(c: Cluster, node: str, since: float) -> dict[str, Any]:
+    """Wait out the CP a node makes ~0.5 s after an assignment that replayed a region.
+
+    (At giveback the releaser's region is in the chain, so the owner replays it and then
+    schedules a CP.) A CP in the middle of the fill would empty the log we are filling.
     """
-    st = c.status().node(node)
-    capacity = st["nvlog_capacity"] or ((NVRAM_MB << 20) - F.REGION_HEADER)
-    used = st["nvlog_used"] or 0
-    rsize = F.record_size(PAYLOAD)
-    n = max(0, int((target * capacity - used) // rsize))
-    rng = np.random.default_rng(1000 + trial)
-    pool = [rng.integers(0, 256, PAYLOAD, dtype=np.uint8).tobytes() for _ in range(64)]
-    t0 = time.monotonic()
+    evs = [e for e in c.events() if e.get("node") == node and e.get("mono", 0) >= since]
+    replays = [e for e in evs if e.get("kind") == "replay_done" and e.get("identity") == node
+               and (e.get("regions") or 0) > 0]
+    if not replays:
+        return {"post_assign_cp": False}
+    after = replays[-1]["mono"]
+    end = time.monotonic() + 10.0
+    while time.monotonic() < end:
+        if any(e.get("kind") == "cp" and e.get("node") == node and e.get("mono", 0) >= after
+               for e in c.events()):
+            return {"post_assign_cp": True}
+        time.sleep(0.05)
+    return {"post_assign_cp": "not seen within 10 s"}
+
+
+def _write_n(c: Cluster, node: str, n: int, trial: int, first: int, pattern: str,
+             rng: np.random.Generator, pool: list[bytes]) -> None:
     errors = 0
+    t0 = time.monotonic()
     with c.client(node) as w:
         luns = w.info()["luns"]
         blocks = [l["size"] // PAYLOAD for l in luns]
@@ -73,9 +88,10 @@ def _fill(c: Cluster, node: str, target: float, trial: int, pattern: str) -> dic
         sent = done = 0
         while done < n:
             while sent < n and len(w.pending) < DEPTH:
-                lun = sent % len(luns)
-                off = _offset(pattern, trial, sent // len(luns), blocks[lun], per_lun, rng)
-                w.submit("write", {"lun": lun, "offset": off, "data": pool[sent % len(pool)]})
+                k = first + sent
+                lun = k % len(luns)
+                off = _offset(pattern, trial, k // len(luns), blocks[lun], per_lun, rng)
+                w.submit("write", {"lun": lun, "offset": off, "data": pool[k % len(pool)]})
                 sent += 1
             for comp in w.poll(1.0):
                 done += 1
@@ -83,18 +99,49 @@ def _fill(c: Cluster, node: str, target: float, trial: int, pattern: str) -> dic
                     errors += 1
             if time.monotonic() - t0 > 120:
                 raise RuntimeError(f"filling {node}: {done}/{n} writes after 120 s")
-    secs = time.monotonic() - t0
     if errors:
         raise RuntimeError(f"filling {node}: {errors} of {n} writes failed")
-    # The hypervisor learns nvlog_used from heartbeats: wait until it shows our writes.
-    want = used + n * rsize
-    s = _wait(c, lambda s: (s.node(node)["nvlog_used"] or 0) >= want, 10.0,
-                   f"{node}'s heartbeat to report {want} NVLog bytes")
-    ns = s.node(node)
-    return {"writes": n, "write_s": round(secs, 3),
-            "write_ops_per_s": round(n / secs, 1) if secs else None,
-            "nvlog_used": ns["nvlog_used"], "nvlog_capacity": ns["nvlog_capacity"],
-            "fill": round(ns["nvlog_used"] / ns["nvlog_capacity"], 4)}
+
+
+def _fill(c: Cluster, node: str, target: float, trial: int, pattern: str) -> dict[str, Any]:
+    """Write 4 KiB blocks into `node` until its NVLog holds `target` of its capacity.
+
+    pattern "seq": each LUN gets a sequential run of blocks that no earlier trial wrote
+    (so every trial replays onto never-written blocks of the sparse disk images, the same
+    condition each time); "random": uniformly random blocks over the whole LUN.
+    The NVLog figures come from heartbeats; if a CP empties the log during the fill, the
+    fill is topped up (at most twice more).
+    """
+    rsize = F.record_size(PAYLOAD)
+    rng = np.random.default_rng(1000 + trial)
+    pool = [rng.integers(0, 256, PAYLOAD, dtype=np.uint8).tobytes() for _ in range(64)]
+    t0 = time.monotonic()
+    written = rounds = 0
+    st = _fresh_node(c, node)
+    for rounds in range(1, 4):
+        capacity = st["nvlog_capacity"] or ((NVRAM_MB << 20) - F.REGION_HEADER)
+        used = st["nvlog_used"] or 0
+        n = int((target * capacity - used) // rsize)
+        if n <= 0:
+            break
+        _write_n(c, node, n, trial, written, pattern, rng, pool)
+        written += n
+        cps = st.get("cp_count")
+        want = used + n * rsize
+        # The hypervisor learns nvlog_used from heartbeats: wait until one shows our writes
+        # (or shows that a CP reset the log meanwhile).
+        _wait(c, lambda s: (s.node(node)["nvlog_used"] or 0) >= want
+              or s.node(node)["cp_count"] != cps, 10.0,
+              f"{node}'s heartbeat to report {want} NVLog bytes")
+        st = _fresh_node(c, node)
+        if (st["nvlog_used"] or 0) + rsize > target * capacity:
+            break
+    secs = time.monotonic() - t0
+    return {"writes": written, "fill_rounds": rounds, "write_s": round(secs, 3),
+            "write_ops_per_s": round(written / secs, 1) if secs else None,
+            "nvlog_used": st["nvlog_used"], "nvlog_capacity": st["nvlog_capacity"],
+            "cp_count_at_crash": st.get("cp_count"),
+            "fill": round((st["nvlog_used"] or 0) / st["nvlog_capacity"], 4)}
 
 
 def _summary(c: Cluster) -> str:
@@ -152,15 +199,17 @@ def _trial(c: Cluster, trial: int, pattern: str) -> dict[str, Any]:
     # Bring node1 back; giveback_delay_s=0 hands its identity back as soon as it registers.
     _wait(c, lambda s: s.node("node1")["state"] == "down" and s.node("node1")["pid"] is None,
                10.0, "node1 to be reaped")
-    c.restart("node1")
     t_r = time.monotonic()
+    c.restart("node1")
     _wait(c, lambda s: _healthy(s) and s.node("node1")["identity_served_by"] == "node1",
-               60.0, "node1 to serve its identity again")
+          60.0, "node1 to serve its identity again")
+    back = time.monotonic()
+    settled = _settle(c, "node1", t_r)
     return {"trial": trial, "ms": round(ms, 3), "served_by": served_by,
             "kill_sent_ms": round((crash["mono"] - t0) * 1000, 3), "from_kill": from_kill,
             "probe_attempts": attempts, "probe_failed_ops": failed_ops,
             "stages": lt.get("stages"), "replay": lt.get("replay"),
-            "restart_to_giveback_s": round(time.monotonic() - t_r, 3), **fill}
+            "restart_to_giveback_s": round(back - t_r, 3), **settled, **fill}
 
 
 def _from_kill(c: Cluster, t0: float, t1: float, stages: dict[str, float]) -> dict[str, float]:
@@ -205,11 +254,14 @@ def _recent_events(c: Cluster, n: int = 40) -> list[dict[str, Any]]:
 
 def _recover(c: Cluster) -> bool:
     """After a failed trial: restart whatever is down and wait for a healthy pair again."""
+    since = time.monotonic()
     try:
         for n in c.status().nodes:
             if n["state"] in ("down", "stopped") and n["pid"] is None:
                 c.restart(n["name"])
         _wait(c, _healthy, 60.0, "both nodes serving again after a failed trial")
+        for name in ("node1", "node2"):
+            _settle(c, name, since)
         return True
     except Exception as exc:  # noqa: BLE001
         log(f"takeover: could not recover the cluster: {exc}")

@@ -61,6 +61,10 @@ class BlockClient:
         self.retries = 0
         self.reconnects = 0
         self.sock = make_socket(self.ctx, zmq.DEALER)
+        # No backoff: after a takeover the identity comes back within tens of ms, and a growing
+        # reconnect interval would add up to its own length to what the client sees.
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 2)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 0)
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self.sock.connect(endpoint)
         self._was_disconnected = False
