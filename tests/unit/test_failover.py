@@ -623,3 +623,18 @@ def test_random_event_sequences_never_lose_writes_acknowledged_before_assign_don
         data: st.DataObject, shape: tuple[int, str], delay: float) -> None:
     """As above, but a taker acknowledges writes from the moment it binds (as guests do)."""
     run_world(data, shape, delay, conservative=True)
+
+
+def test_a_failed_assign_is_retried_after_a_pause() -> None:
+    from vmemu.hypervisor.failover import RETRY_PLACE_S, Coordinator
+
+    c = Coordinator(2, "pairs", giveback_delay=-1)
+    for n in (1, 2):
+        c.handle(Spawned(n), 0.0)
+    c.handle(Registered(1, 0x11), 0.0)
+    c.handle(Registered(2, 0x22), 0.0)
+    assert c.handle(AssignDone(1, 1, 0, False, "disk busy"), 0.1)[0].kind == "assign_failed"
+    assert c.identities[1].served_by is None and c.identities[1].transit is None
+    assert not [a for a in c.handle(Tick(), 0.1 + RETRY_PLACE_S / 2) if isinstance(a, Assign)]
+    again = [a for a in c.handle(Tick(), 0.2 + RETRY_PLACE_S) if isinstance(a, Assign)]
+    assert again == [Assign(1, 1, (), "boot")]

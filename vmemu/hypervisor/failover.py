@@ -24,6 +24,7 @@ from vmemu.errors import InvalidState
 
 BOOTING, UP, SERVING, DOWN, STOPPED = "booting", "up", "serving", "down", "stopped"
 ALIVE = (UP, SERVING)
+RETRY_PLACE_S = 1.0
 
 
 # -- events ----------------------------------------------------------------------------------
@@ -144,6 +145,7 @@ class Coordinator:
         self.identities = {n: Identity(n) for n in range(1, nodes + 1)}
         self.dead_regions: set[int] = set()
         self.giveback_due: dict[int, float] = {}
+        self.retry_at: dict[int, float] = {}
         self.shutting_down = False
 
     # -- queries -----------------------------------------------------------------------------
@@ -223,6 +225,8 @@ class Coordinator:
             return [Log("stale_reply", ev.node, {"identity": ev.identity})]
         ident.transit = None
         if not ev.ok:
+            # Try again shortly (the node may have died, or a disk may have been busy).
+            self.retry_at[ev.identity] = now + RETRY_PLACE_S
             return [Log("assign_failed", ev.node, {"identity": ev.identity, "error": ev.error})]
         ident.served_by = ev.node
         ident.last_server = ev.node
@@ -276,6 +280,12 @@ class Coordinator:
 
     def _on_Tick(self, ev: Tick, now: float) -> list[Action]:
         acts: list[Action] = []
+        for i, due in list(self.retry_at.items()):
+            if now >= due:
+                del self.retry_at[i]
+                ident = self.identities[i]
+                if ident.served_by is None and ident.transit is None and not self.shutting_down:
+                    acts += self._place(ident)
         for n, due in list(self.giveback_due.items()):
             if now >= due:
                 del self.giveback_due[n]
