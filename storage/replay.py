@@ -15,7 +15,20 @@ split in two so each part stays simple and the records are checksummed only once
   whole records in sequence order makes replay idempotent: replaying twice leaves the disk
   as replaying once.
 
-Both are numba kernels (``nogil``: a domain can replay while its bus thread keeps
+Two variants of the second half:
+
+* ``scan_apply`` does both in one pass: each record is copied to its disk right after its
+  crc verified, while it is still in cache (scan and apply as two passes read the log
+  twice and ran at ~0.24x memcpy; fused, see bench/replay_bench.py). Copying a record
+  before the next one is verified changes nothing: the scan stops at the first bad record
+  and every record before it is applied either way, in the same order.
+* ``plan`` + ``write_plan`` replay onto a disk *file* with pwrite instead of through a
+  mapping: on ext4 a write fault on a hole of a sparse file costs ~4x a pwrite of the same
+  4 KiB, and a takeover replays into mostly-sparse images. ``plan`` picks the rows to
+  write (dropping rows a later row of the same (offset, length) overwrites entirely);
+  ``write_plan`` writes them in seq order, runs of disk-adjacent rows as one pwritev.
+
+The kernels are numba kernels (``nogil``: a domain can replay while its bus thread keeps
 heartbeating) and accept read-only arrays, because the partner maps the region with
 PROT_READ (a read-only grant has no writeable view).
 
@@ -26,6 +39,7 @@ only. After editing ``checksum.py`` (whose crc kernel is compiled into ``scan``)
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +64,16 @@ from storage.nvlog_format import (
     record_size,
 )
 
-__all__ = ["ReplayResult", "apply", "replay_region", "scan", "warm"]
+__all__ = [
+    "ReplayResult",
+    "apply",
+    "plan",
+    "replay_region",
+    "scan",
+    "scan_apply",
+    "warm",
+    "write_plan",
+]
 
 _ALIGN_MASK = 7  # records are padded to 8 bytes (nvlog_format.ALIGN)
 _MIN_RECORD = record_size(0)

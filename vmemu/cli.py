@@ -158,7 +158,7 @@ def render_status(raw: dict[str, Any], caption: str = "") -> Table:
         style = {"serving": "green", "down": "red", "up": "yellow", "booting": "cyan"}.get(state, "")
         t.add_row(n["name"], str(n["pid"] or "-"), f"[{style}]{state}[/]" if style else state,
                   n["partner"] or "-", "yes" if n["takeover_possible"] else "no",
-                  _age(n["heartbeat_age_ms"], "ms"), nv, _age(n["last_cp_age_s"]) + (" ago" if n["last_cp_age_s"] is not None else ""),
+                  _age(n["heartbeat_age_ms"], "ms"), nv, (_age(n["last_cp_age_s"]) + " ago" if n["last_cp_age_s"] is not None else "none yet"),
                   n["identity_served_by"] or "[red]nobody[/]", ",".join(n["serves"]) or "-")
     return t
 

@@ -435,7 +435,7 @@ class Hypervisor:
                 "heartbeat_age_ms": None if age is None else round(age * 1000, 1),
                 "nvlog_used": st.get("nvlog_used"),
                 "nvlog_capacity": st.get("nvlog_capacity"),
-                "last_cp_age_s": None if st.get("last_cp") is None else round(now - st["last_cp"], 2),
+                "last_cp_age_s": None if not st.get("cp_count") else round(now - st["last_cp"], 2),
                 "cp_count": st.get("cp_count"),
                 "ops": st.get("ops"),
                 "identity_served_by": f"node{ident.served_by}" if ident.served_by else None,
