@@ -3,6 +3,7 @@
     <data-dir>/cluster.json   config, control endpoint, fd-broker name, hypervisor pid
     <data-dir>/lock           flock held by the running hypervisor (one cluster per dir)
     <data-dir>/events.jsonl   the event log
+    <data-dir>/metrics.jsonl  per-domain counters, sampled twice a second
     <data-dir>/logs/          one log file per process
     <data-dir>/nodeN/diskK.img
 """
@@ -32,6 +33,11 @@ def cluster_file(d: Path) -> Path:
 
 def events_file(d: Path) -> Path:
     return d / "events.jsonl"
+
+
+def metrics_file(d: Path) -> Path:
+    """Per-domain counters sampled twice a second (JSON lines): throughput over time."""
+    return d / "metrics.jsonl"
 
 
 def logs_dir(d: Path) -> Path:
