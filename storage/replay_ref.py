@@ -26,7 +26,7 @@ from storage.nvlog_format import (
 )
 from storage.replay import ReplayResult
 
-__all__ = ["apply", "replay_region", "scan"]
+__all__ = ["apply", "plan", "replay_region", "scan"]
 
 
 def _signed64(v: int) -> int:
@@ -85,6 +85,38 @@ def apply(
         records += 1
         nbytes += length
     return records, nbytes, bad
+
+
+def plan(
+    log: np.ndarray, index: np.ndarray, count: int, lun: int, min_seq: int, disk_size: int
+) -> tuple[np.ndarray, int]:
+    """`lun`'s rows with seq > min_seq worth writing, in seq order; and the bad count.
+
+    Bad (out of the disk or the log) rows are counted and left out, as ``apply`` skips
+    them; so are empty rows, and rows that a later row with the same (offset, length)
+    overwrites entirely.
+    """
+    candidates: list[int] = []
+    bad = 0
+    for r in range(min(count, len(index))):
+        row = [int(v) for v in index[r]]
+        if row[IDX_LUN] != lun or row[IDX_SEQ] <= min_seq:
+            continue
+        off, length = row[IDX_OFFSET], row[IDX_LENGTH]
+        src = row[IDX_POS] + RECORD_HEADER
+        in_disk = 0 <= off and 0 <= length and off + length <= disk_size
+        in_log = RECORD_HEADER <= src and src + length <= log.size
+        if not (in_disk and in_log):
+            bad += 1
+        elif length:
+            candidates.append(r)
+    rows = []
+    for k, r in enumerate(candidates):
+        key = (int(index[r, IDX_OFFSET]), int(index[r, IDX_LENGTH]))
+        later = {(int(index[q, IDX_OFFSET]), int(index[q, IDX_LENGTH])) for q in candidates[k + 1 :]}
+        if key not in later:
+            rows.append(r)
+    return np.array(rows, dtype=np.int64), bad
 
 
 def replay_region(

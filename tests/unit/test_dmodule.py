@@ -359,3 +359,44 @@ def test_exactly_once_table_survives_a_cp_and_a_takeover(fds, make_disks, tmp_pa
     assert partner.read(1, 0, 0, 4096) == b"a" * 4096
     assert partner.read(1, 0, 4096, 4096) == b"b" * 4096
     partner.close()
+
+
+def test_replay_writes_a_rewritten_block_once_and_adjacent_blocks_in_one_call(
+        fds: Fds, data_dir: Path) -> None:
+    a = Node(fds, data_dir, 1, R1)
+    a.d.open_identity(1, fence(data_dir, 1), "boot")
+    model = Model()
+    for k in range(10):  # the same block, ten times
+        data = block(100 + k)
+        assert a.d.write(1, 0, 4 * BLOCK, data, 77, k + 1) > 0
+        model.write(0, 4 * BLOCK, data)
+    for k in range(8):  # a sequential run, as a file copy writes it
+        data = block(200 + k)
+        assert a.d.write(1, 1, k * BLOCK, data, 77, 100 + k) > 0
+        model.write(1, k * BLOCK, data)
+    half = block(300, BLOCK // 2)  # same offset, shorter: does not supersede the block
+    assert a.d.write(1, 0, 4 * BLOCK, half, 77, 200) > 0
+    model.write(0, 4 * BLOCK, half)
+
+    b = Node(fds, data_dir, 2, R2)
+    served = b.d.open_identity(1, fence(data_dir, 1), "takeover")
+    rep = b.d.replay_chain(served, [(R1, a.read_only_view())])
+    assert (rep["records"], rep["bytes"], rep["bad"]) == (19, 18 * BLOCK + BLOCK // 2, 0)
+    assert rep["written"] == 1 + 8 + 1  # the last full write of the block, the run, the half
+    assert rep["written_bytes"] == 9 * BLOCK + BLOCK // 2
+    assert rep["writes"] == 3  # the run went out as one pwritev
+    assert_reads(b.d, 1, model)
+    b.d.consistency_point("after takeover")
+    for lun in range(DISKS):
+        assert on_disk(data_dir, 1, lun) == bytes(model.luns[lun])
+
+
+def test_replay_by_a_fenced_holder_writes_nothing(fds: Fds, data_dir: Path) -> None:
+    a, model, _ = crash_after_acknowledged_writes(fds, data_dir)
+    b = Node(fds, data_dir, 2, R2)
+    served = b.d.open_identity(1, fence(data_dir, 1), "takeover")
+    before = [on_disk(data_dir, 1, lun) for lun in range(DISKS)]
+    fence(data_dir, 1)  # someone else is handed the disks first
+    with pytest.raises(Fenced):
+        b.d.replay_chain(served, [(R1, a.read_only_view())])
+    assert [on_disk(data_dir, 1, lun) for lun in range(DISKS)] == before
