@@ -188,8 +188,10 @@ def status(obj: Ctx, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, as stored.")
 @click.option("--last", default=0, help="Only the last N events.")
 @click.option("--kind", multiple=True, help="Only events of this kind (repeatable).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Draw the events and client throughput on one time axis into this PNG.")
 @click.pass_obj
-def events(obj: Ctx, as_json: bool, last: int, kind: tuple[str, ...]) -> None:
+def events(obj: Ctx, as_json: bool, last: int, kind: tuple[str, ...], plot: str | None) -> None:
     """The cluster's event log (also <data-dir>/events.jsonl)."""
     path = datadir.events_file(obj.dir)
     if not path.exists():
@@ -199,6 +201,14 @@ def events(obj: Ctx, as_json: bool, last: int, kind: tuple[str, ...]) -> None:
         evs = [e for e in evs if e["kind"] in kind]
     if last:
         evs = evs[-last:]
+    if plot:
+        from vmemu.timeline import plot_timeline, read_metrics
+
+        res = plot_timeline(evs, read_metrics(datadir.metrics_file(obj.dir)), Path(plot),
+                            title=f"vmemu timeline · {obj.dir}")
+        click.echo(f"vmemu: timeline written to {plot} ({res['events']} events, "
+                   f"lanes: {', '.join(res['lanes'])})")
+        return
     t0 = evs[0]["t"] if evs else 0
     for e in evs:
         if as_json:
@@ -208,6 +218,19 @@ def events(obj: Ctx, as_json: bool, last: int, kind: tuple[str, ...]) -> None:
         stamp = time.strftime("%H:%M:%S", time.localtime(e["t"])) + f".{int(e['t'] % 1 * 1000):03d}"
         fields = " ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in rest.items())
         click.echo(f"{stamp} +{e['t'] - t0:8.3f}s {e.get('node', ''):<10} {e['kind']:<20} {fields}")
+
+
+@cli.command()
+@click.option("--once", is_flag=True, help="Print one frame and exit (no terminal needed).")
+@click.pass_obj
+def top(obj: Ctx, once: bool) -> None:
+    """Live full-screen view; keys: up/down j/k select, c crash, h hang, r restart, g giveback, q quit."""
+    from vmemu import top as topview
+
+    if once:
+        topview.once(obj.dir, topview.make_console())
+    else:
+        topview.run(obj.dir)
 
 
 # -- breaking and mending --------------------------------------------------------------------
@@ -326,6 +349,32 @@ def verify(obj: Ctx, journal: str, target: str | None, as_json: bool) -> None:
         click.echo("verify: PASSED, no acknowledged write lost" if res["passed"] else "verify: FAILED")
     if not res["passed"]:
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("scenario", type=click.Choice(["failover", "hang", "double-failure", "ring"]),
+                default="failover")
+@click.option("--step", "step_mode", is_flag=True, help="Wait for Enter between steps (lectures).")
+@click.option("--speed", default=1.0, show_default=True,
+              help="Slow heartbeats, CPs and pauses down by this factor so people can follow.")
+@click.option("--fast", is_flag=True, help="No pauses, short load (for CI).")
+@click.option("--plot", type=click.Path(dir_okay=False), default="vmemu-demo-timeline.png",
+              show_default=True, help="Where to write the run's timeline picture.")
+@click.option("--transcript", type=click.Path(dir_okay=False), default=None,
+              help="Also write the narration, with the figures it cites, as JSON.")
+def demo(scenario: str, step_mode: bool, speed: float, fast: bool, plot: str,
+         transcript: str | None) -> None:
+    """Narrated failover on a live cluster of its own (in a temporary data dir)."""
+    from vmemu.demo import run_demo, transcript_json
+
+    if not 0.1 <= speed <= 20:
+        raise BadRequest("--speed must be between 0.1 and 20")
+    console.print(f"[bold]vmemu demo {scenario}[/]: a cluster of its own, narrated as it runs")
+    lines = run_demo(scenario, fast=fast, speed=speed, step_mode=step_mode, console=console,
+                     plot=Path(plot) if plot else None)
+    if transcript:
+        Path(transcript).write_text(transcript_json(lines))
+    console.print("\n[bold green]demo complete[/]: every acknowledged write survived")
 
 
 def main() -> None:
