@@ -90,13 +90,16 @@ class ExactlyOnce:
 
 class DModule:
     def __init__(self, node: int, data_dir: Path, disks: int, region: mmap.mmap,
-                 region_id: int, emit: Callable[..., None]) -> None:
+                 region_id: int, emit: Callable[..., None], ha_mode: str = "shm",
+                 mirror: Any = None) -> None:
         self.node = node
         self.data_dir = data_dir
         self.disks = disks
         self.region = region
         self.region_id = region_id
         self.log = NVLogWriter(region)
+        self.ha_mode = ha_mode
+        self.mirror = mirror  # domains.mirror.MirrorSender in --ha-mode mirror
         self.served: dict[int, Served] = {}
         self.dedup = ExactlyOnce()
         self.emit = emit
@@ -121,9 +124,15 @@ class DModule:
         lun.check(offset, len(data))
         if self.dedup.applied(client, request):
             return 0  # a retry of a write already logged: acknowledge, do not apply again
+        if self.ha_mode == "none":
+            lun.write_through(offset, data)
+            self.dedup.record(client, request)
+            self.ops += 1
+            return 0
         if not self.log.fits(len(data)):
             self.consistency_point("log_full")
         seq = self.log.append(F.lun_gid(identity, lun_index), offset, data, client, request)
+        self._replicate()
         lun.write_cached(offset, data)
         self.dedup.record(client, request)
         self.ops += 1
@@ -164,6 +173,7 @@ class DModule:
             served.replayed.clear()
         self.log.reset()
         self._carry_dedup()
+        self._replicate()
         self.writes_since_cp = 0
         self.cp_count += 1
         self.last_cp = time.monotonic()
@@ -173,6 +183,11 @@ class DModule:
         self.last_cp_info = info
         self.emit("cp_done", info, t0)
         return info
+
+    def _replicate(self) -> None:
+        spans = self.log.drain_spans()
+        if self.mirror is not None and spans:
+            self.mirror.send(spans)
 
     def _carry_dedup(self) -> None:
         limit = max(0, (self.log.capacity // 8 - F.record_size(0)) // 16)

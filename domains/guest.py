@@ -25,13 +25,14 @@ import zmq
 
 from domains.dmodule import DModule
 from domains.failover_monitor import FailoverMonitor
+from domains.mirror import MirrorReceiver, MirrorSender, mirror_endpoint
 from domains.nmodule import NModule
-from storage import nvlog, replay
+from storage import nvlog, nvlog_format, replay
 from storage import region as shm
 from vmemu import datadir
 from vmemu.bus import codec
 from vmemu.bus.rpc import RpcClient, RpcServer
-from vmemu.config import ClusterConfig
+from vmemu.config import ClusterConfig, partner_of
 from vmemu.errors import BadRequest, InvalidState, NotGranted, VmemuError
 from vmemu.hypervisor import fdbroker
 
@@ -58,8 +59,17 @@ class Guest:
         self.fd_name = datadir.fd_socket_name(self.cfg.cluster_id)
         self.stop = False
         self.region_fd, self.region, self.region_id = self._allocate_region()
+        self.peers: dict[int, RpcClient] = {}
+        self.mirror_rx: MirrorReceiver | None = None
+        self.mirror_tx: MirrorSender | None = None
+        if self.cfg.ha_mode == "mirror":
+            self.mirror_rx = MirrorReceiver(self.ctx, mirror_endpoint(self.cfg.cluster_id, node))
+            self.mirror_rx.start()
+            self.mirror_tx = MirrorSender(self.ctx, self.cfg.cluster_id, node,
+                                          partner_of(node, self.cfg.nodes, self.cfg.topology),
+                                          self.region_id, self.region, self._mirror_state)
         self.dmodule = DModule(node, data_dir, self.cfg.disks, self.region, self.region_id,
-                               self._emit_cp)
+                               self._emit_cp, self.cfg.ha_mode, self.mirror_tx)
         self.nmodule = NModule(self.ctx, self.cfg.cluster_id, self.dmodule, node,
                                self._first_request)
         self.monitor = FailoverMonitor(node, self.cfg.heartbeat_ms / 1000.0, self.ctx,
@@ -69,7 +79,8 @@ class Guest:
     # -- NVRAM -------------------------------------------------------------------------------
     def _allocate_region(self) -> tuple[int, mmap.mmap, int]:
         region_id = secrets.randbits(62) | 1
-        size = self.cfg.nvram_mb << 20
+        # --ha-mode none has no NVRAM to speak of: a token region keeps registration uniform.
+        size = (1 << 20) if self.cfg.ha_mode == "none" else self.cfg.nvram_mb << 20
         fd = shm.allocate(f"vmemu-nvram-node{self.node}", size)
         buf = shm.map_read_write(fd, size)
         nvlog.format_region(buf, self.node, region_id)
@@ -87,7 +98,27 @@ class Guest:
         # stays), and dropping it means nothing in this process can reopen the memory.
         os.close(self.region_fd)
         for g in self.uplink.call("grants", {"node": self.node}):
-            self._map_region(int(g["region"]), int(g["owner"]))
+            self._on_grant(int(g["region"]), int(g["owner"]))
+
+    def _on_grant(self, region: int, owner: int) -> None:
+        """A partner's region was granted to us: map it (shm), or ask for a mirror (mirror)."""
+        if self.cfg.ha_mode != "mirror":
+            self._map_region(region, owner)
+            return
+        # Before the patent there was no shared memory: the owner copies its log to us.
+        peer = self.peers.get(owner)
+        if peer is None:  # kept open: a socket closed at once (LINGER 0) would drop the message
+            peer = self.peers[owner] = RpcClient(self.ctx, datadir.guest_endpoint(self.cfg.cluster_id, owner))
+        peer.notify("mirror_request", {"region": region})
+
+    def _mirror_state(self, in_sync: bool) -> None:
+        """Tell Domain 0, before any further write is acknowledged, whether our partner's copy
+        is complete: a takeover may replay that copy only if it is."""
+        try:
+            self.uplink.call("mirror_state", {"node": self.node, "region": self.region_id,
+                                              "in_sync": in_sync}, timeout=5.0)
+        except VmemuError:
+            pass
 
     def _map_region(self, region: int, owner: int) -> mmap.mmap:
         if region in self.monitor.mapped:
@@ -165,7 +196,11 @@ class Guest:
             self.nmodule.unbind(ident)
             return {"cp_ms": self.dmodule.release_identity(ident)["ms"]}
         if req.op == "map":
-            self._map_region(codec.arg(req, "region", int), codec.arg(req, "owner", int))
+            self._on_grant(codec.arg(req, "region", int), codec.arg(req, "owner", int))
+            return {}
+        if req.op == "mirror_request":
+            if self.mirror_tx is not None and codec.arg(req, "region", int) == self.region_id:
+                self.mirror_tx.sync(used=nvlog_format.REGION_HEADER + self.dmodule.log.used)
             return {}
         if req.op == "probe_write":
             return self._probe_write(codec.arg(req, "region", int))
@@ -186,10 +221,18 @@ class Guest:
         chain = []
         for item in chain_raw:
             region, owner = int(item[0]), int(item[1])
-            chain.append((region, None if region == self.region_id else self._map_region(region, owner)))
+            mirrored = bool(item[2]) if len(item) > 2 else False
+            copy = self.mirror_rx.copy_of(region) if self.mirror_rx is not None and mirrored else None
+            if region == self.region_id:
+                chain.append((region, None))
+            elif copy is not None:
+                chain.append((region, copy))  # our own complete copy, received write by write
+            else:
+                chain.append((region, self._map_region(region, owner)))
         served = self.dmodule.open_identity(ident, epoch, reason)
         try:
             rep = self.dmodule.replay_chain(served, chain)
+            rep["from_mirror_copy"] = sum(1 for r, m in chain if isinstance(m, bytearray))
             replay_done = time.monotonic()
             self.nmodule.bind(ident)
         except Exception:
@@ -255,6 +298,12 @@ class Guest:
             self.dmodule.consistency_point("shutdown")
         finally:
             self.monitor.stop()
+            if self.mirror_rx is not None:
+                self.mirror_rx.stop()
+            if self.mirror_tx is not None:
+                self.mirror_tx.close()
+            for peer in self.peers.values():
+                peer.close()
             self.nmodule.close()
             self.dmodule.close()
             self.control.close()

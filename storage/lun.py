@@ -52,6 +52,11 @@ class Lun:
                 self._block(b)[off:off + n] = mv[pos:pos + n]
             pos += n
 
+    def write_through(self, offset: int, data: bytes | memoryview) -> None:
+        """No NVRAM (--ha-mode none): the write is on the disk, synced, before it is acknowledged."""
+        self.disk.write(offset, data)
+        self.disk.sync()
+
     def read(self, offset: int, length: int) -> bytes:
         self.check(offset, length)
         first, last = offset // BLOCK, (offset + length - 1) // BLOCK

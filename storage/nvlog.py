@@ -65,6 +65,8 @@ class NVLogWriter:
         self.tail = 0
         self._arr = np.frombuffer(buf, dtype=np.uint8)
         self.records = 0
+        # Byte ranges of the region written since the last drain: what a mirror must copy.
+        self.spans: list[tuple[int, int]] = []
 
     @property
     def used(self) -> int:
@@ -100,6 +102,7 @@ class NVLogWriter:
         self.next_seq = seq + 1
         self.records += 1
         _U64.pack_into(self.buf, F.OFF_TAIL, self.tail)
+        self.spans.append((pos, pos + size))
         return seq
 
     def reset(self) -> None:
@@ -115,3 +118,8 @@ class NVLogWriter:
         self.tail = 0
         self.records = 0
         _U64.pack_into(self.buf, F.OFF_TAIL, 0)
+        self.spans.append((0, F.REGION_STRUCT.size))
+
+    def drain_spans(self) -> list[tuple[int, int]]:
+        spans, self.spans = self.spans, []
+        return spans

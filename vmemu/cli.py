@@ -72,18 +72,22 @@ def cli(ctx: click.Context, data_dir: str | None) -> None:
 @click.option("--disks", default=2, show_default=True, help="Disks (and LUNs) per node.")
 @click.option("--disk-mb", default=256, show_default=True)
 @click.option("--grant-mode", type=click.Choice(["ro", "rw"]), default="ro", show_default=True)
+@click.option("--ha-mode", type=click.Choice(["shm", "mirror", "none"]), default="shm",
+              show_default=True, help="shm: partner maps the NVLog (the patent); mirror: every "
+              "record copied to the partner before the ack; none: no NVRAM, fdatasync per write.")
 @click.option("--giveback-delay", default=2.0, show_default=True,
               help="Seconds before automatic giveback; negative for manual only.")
 @click.option("--cp-interval", default=5.0, show_default=True, help="Seconds between timer CPs.")
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for serving.")
 @click.pass_obj
 def up(obj: Ctx, nodes: int, topology: str, detach: bool, heartbeat_ms: int, heartbeat_misses: int,
-       nvram_mb: int, disks: int, disk_mb: int, grant_mode: str, giveback_delay: float,
+       nvram_mb: int, disks: int, disk_mb: int, grant_mode: str, ha_mode: str, giveback_delay: float,
        cp_interval: float, timeout: float) -> None:
     """Start a cluster (foreground with a live view; Ctrl-C stops it cleanly)."""
     cfg = ClusterConfig(nodes=nodes, topology=topology, heartbeat_ms=heartbeat_ms,
                         heartbeat_misses=heartbeat_misses, nvram_mb=nvram_mb, disks=disks,
-                        disk_mb=disk_mb, grant_mode=grant_mode, giveback_delay_s=giveback_delay,
+                        disk_mb=disk_mb, grant_mode=grant_mode, ha_mode=ha_mode,
+                        giveback_delay_s=giveback_delay,
                         cp_interval_s=cp_interval)
     t0 = time.monotonic()
     proc = launch(obj.dir, cfg, detach)

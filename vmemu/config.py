@@ -9,6 +9,7 @@ from typing import Any
 from vmemu.errors import BadRequest
 
 TOPOLOGIES = ("pairs", "ring")
+HA_MODES = ("shm", "mirror", "none")
 GRANT_MODES = ("ro", "rw")
 
 
@@ -24,6 +25,7 @@ class ClusterConfig:
     grant_mode: str = "ro"
     giveback_delay_s: float = 2.0  # negative: manual giveback only
     cp_interval_s: float = 5.0
+    ha_mode: str = "shm"  # shm: the patent; mirror: copy every record to the partner; none: no NVRAM
     cluster_id: str = field(default_factory=lambda: secrets.token_hex(4))
 
     def __post_init__(self) -> None:
@@ -34,6 +36,8 @@ class ClusterConfig:
         if self.topology == "pairs" and self.nodes % 2:
             raise BadRequest(f"--nodes {self.nodes} is odd: HA pairs need an even count "
                              "(use --topology ring)")
+        if self.ha_mode not in HA_MODES:
+            raise BadRequest(f"unknown HA mode {self.ha_mode!r}; choose shm, mirror or none")
         if self.grant_mode not in GRANT_MODES:
             raise BadRequest(f"unknown grant mode {self.grant_mode!r}; choose ro or rw")
         if not 5 <= self.heartbeat_ms <= 10_000:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
+
 from clients.load import LoadSpec, run_load
 from clients.verify import verify
 from tests.e2e.conftest import served_by, wait_until
@@ -26,11 +28,14 @@ def wait_ops(c, node: str, at_least: int, timeout: float = 30) -> None:
     wait_until(lambda: (c.status().node(node)["ops"] or 0) >= at_least, timeout, f"{at_least} ops on {node}")
 
 
-def test_kill9_under_load_loses_no_acknowledged_write(make_cluster, tmp_path):
-    c = make_cluster(nodes=2)
+@pytest.mark.parametrize("ha_mode", ["shm", "mirror", "none"])
+def test_kill9_under_load_loses_no_acknowledged_write(make_cluster, tmp_path, ha_mode):
+    c = make_cluster(nodes=2, ha_mode=ha_mode)
+    c.wait_for(lambda s: all(n["takeover_possible"] for n in s.nodes), 20, "partners ready")
     journal = tmp_path / "w.jsonl"
     t, out = run_load_in_thread(c.endpoint("node1"), journal, 4.0)
-    wait_ops(c, "node1", 2000)
+    # Without NVRAM every write waits for fdatasync: far fewer of them in the same time.
+    wait_ops(c, "node1", 200 if ha_mode == "none" else 2000, timeout=60)
     c.crash("node1")
     c.wait_for(lambda s: s.node("node1")["identity_served_by"] == "node2", 20, "takeover by node2")
     t.join(60)
@@ -39,7 +44,7 @@ def test_kill9_under_load_loses_no_acknowledged_write(make_cluster, tmp_path):
     assert summary["reconnects"] >= 1  # the client really did cross a takeover
     res = verify(c.endpoint("node1"), journal)
     assert res["passed"], res["problems"]
-    assert res["ok"] > 1000
+    assert res["ok"] > (100 if ha_mode == "none" else 1000)
     evs = c.events()
     crash_at = next(i for i, e in enumerate(evs) if e["kind"] == "crash_requested")
     kinds = [e["kind"] for e in evs[crash_at:]]
@@ -50,7 +55,14 @@ def test_kill9_under_load_loses_no_acknowledged_write(make_cluster, tmp_path):
     assert kinds.index("fenced") < kinds.index("partner_alerted") < kinds.index("identity_assumed")
     replay = next(e for e in c.events() if e["kind"] == "replay_done" and e["identity"] == "node1"
                   and e["node"] == "node2" and e["regions"] > 0)
-    assert replay["records"] > 0 and replay["bytes"] >= replay["records"] * 4096
+    if ha_mode == "none":
+        assert replay["records"] == 0  # no NVRAM: every acknowledged write was already on disk
+    else:
+        # The log may have been emptied by a CP just before the kill, but it always holds at
+        # least the carried exactly-once table, and the replay read it.
+        assert replay["scanned"] > 0 and replay["bytes"] >= replay["records"] * 4096
+        # mirror: replayed from the partner's own copy, received write by write
+        assert replay["from_mirror_copy"] == (1 if ha_mode == "mirror" else 0)
     st = c.status().node("node1")["last_takeover"]["stages"]
     assert st["fenced"] <= st["partner_alerted"] <= st["replay_done"] <= st["identity_assumed"]
 
@@ -101,8 +113,9 @@ def test_automatic_giveback_after_the_configured_delay(make_cluster):
     c.wait_for(lambda s: s.node("node2")["identity_served_by"] == "node2", 30, "automatic giveback")
 
 
-def test_double_failure_is_unavailable_not_lost(make_cluster):
-    c = make_cluster(nodes=2)
+@pytest.mark.parametrize("ha_mode", ["shm", "mirror", "none"])
+def test_double_failure_is_unavailable_not_lost(make_cluster, ha_mode):
+    c = make_cluster(nodes=2, ha_mode=ha_mode)
     with c.client("node1") as b:
         b.write(0, 0, b"A" * 4096)
     c.crash("node1")

@@ -53,6 +53,7 @@ class Hypervisor:
         self.stats: dict[int, dict[str, Any]] = {}
         self.takeovers: dict[int, dict[str, Any]] = {}
         self._served_at_fail: dict[int, list[int]] = {}
+        self.mirror_ok: dict[int, bool] = {}  # region -> its partner holds a complete copy
         self.stopping: tuple[bytes, int] | None = None
         self.stop_requested = False
         self.parent_fd = os.pidfd_open(parent_pid) if parent_pid else None
@@ -254,7 +255,8 @@ class Hypervisor:
         self.events.emit("partner_alerted" if act.reason == "takeover" else "assign", act.node,
                          identity=f"node{act.identity}", reason=act.reason, epoch=epoch,
                          chain=[f"{r:#x}" for r in act.chain])
-        chain = [[r, self.grants.regions[r].owner] for r in act.chain if r in self.grants.regions]
+        chain = [[r, self.grants.regions[r].owner, self.mirror_ok.get(r, False)]
+                 for r in act.chain if r in self.grants.regions]
 
         def done(res: Any, err: VmemuError | None) -> None:
             if err is not None:
@@ -277,7 +279,9 @@ class Hypervisor:
         self.events.emit("replay_done", act.node, mono=res.get("replay_done"),
                          identity=f"node{act.identity}", records=rep.get("records", 0),
                          bytes=rep.get("bytes", 0), ms=rep.get("ms", 0.0),
-                         regions=rep.get("regions", 0))
+                         regions=rep.get("regions", 0),
+                         from_mirror_copy=rep.get("from_mirror_copy", 0),
+                         scanned=rep.get("scanned", 0), written=rep.get("written", 0))
         self.events.emit("identity_assumed", act.node, mono=res.get("assumed"),
                          identity=f"node{act.identity}", reason=act.reason,
                          endpoint=datadir.identity_endpoint(self.cfg.cluster_id, act.identity))
@@ -346,6 +350,14 @@ class Hypervisor:
             node = self._node_arg(req)
             return [{"region": r, "owner": self.grants.regions[r].owner}
                     for (r, n) in self.grants.grants if n == node]
+        if op == "mirror_state":
+            node = self._node_arg(req)
+            region = codec.arg(req, "region", int)
+            in_sync = bool(req.args.get("in_sync"))
+            if self.coord.region.get(node) == region:
+                self.mirror_ok[region] = in_sync
+                self.events.emit("mirror_state", node, region=f"{region:#x}", in_sync=in_sync)
+            return {}
         if op == "ping":
             return {"pid": os.getpid(), "cluster_id": self.cfg.cluster_id}
         if op == "status":
@@ -445,7 +457,8 @@ class Hypervisor:
                 "pid": child.pid if child else None,
                 "state": self.coord.state[n],
                 "partner": f"node{p}" if (p := partner_of(n, self.cfg.nodes, self.cfg.topology)) else None,
-                "takeover_possible": self.coord.takeover_possible(n),
+                "takeover_possible": self.coord.takeover_possible(n) and (
+                    self.cfg.ha_mode != "mirror" or self.mirror_ok.get(self.coord.region[n] or 0, False)),
                 "heartbeat_age_ms": None if age is None else round(age * 1000, 1),
                 "nvlog_used": st.get("nvlog_used"),
                 "nvlog_capacity": st.get("nvlog_capacity"),
