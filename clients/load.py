@@ -7,13 +7,14 @@ latency percentiles. Failover is invisible to it except as latency: the block cl
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
+from hdrh.histogram import HdrHistogram
 
 from clients import pattern
 from clients.block import BlockClient
@@ -47,18 +48,64 @@ class LoadSpec:
             raise BadRequest("--rwmixread must be between 0 and 100")
 
 
-def percentiles(lat_s: list[float]) -> dict[str, float]:
-    if not lat_s:
-        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "p999": 0.0, "max": 0.0, "mean": 0.0}
-    a = np.asarray(lat_s) * 1e6
-    p = np.percentile(a, [50, 90, 99, 99.9])
-    return {"p50": round(float(p[0]), 1), "p90": round(float(p[1]), 1),
-            "p99": round(float(p[2]), 1), "p999": round(float(p[3]), 1),
-            "max": round(float(a.max()), 1), "mean": round(float(a.mean()), 1)}
+class Latency:
+    """Completion latencies in an HDR histogram (1 ns .. 60 s, 3 significant digits)."""
+
+    def __init__(self) -> None:
+        self.h = HdrHistogram(1, 60_000_000_000, 3)
+
+    def record(self, seconds: float) -> None:
+        self.h.record_value(max(1, int(seconds * 1e9)))
+
+    @property
+    def count(self) -> int:
+        return self.h.get_total_count()
+
+    def us(self) -> dict[str, float]:
+        """The summary's latency block, in microseconds."""
+        if not self.count:
+            return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "p999": 0.0, "max": 0.0, "mean": 0.0}
+        at = self.h.get_value_at_percentile
+        return {"p50": round(at(50) / 1e3, 1), "p90": round(at(90) / 1e3, 1),
+                "p99": round(at(99) / 1e3, 1), "p999": round(at(99.9) / 1e3, 1),
+                "max": round(self.h.get_max_value() / 1e3, 1),
+                "mean": round(self.h.get_mean_value() / 1e3, 1)}
+
+    def fio_clat_ns(self) -> dict[str, Any]:
+        """fio's `clat_ns` block, so tools that read fio JSON read ours."""
+        if not self.count:
+            return {"min": 0, "max": 0, "mean": 0.0, "stddev": 0.0, "N": 0, "percentile": {}}
+        pct = {f"{p:.6f}": int(self.h.get_value_at_percentile(p))
+               for p in (1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99, 99.5, 99.9, 99.95, 99.99)}
+        return {"min": int(self.h.get_min_value()), "max": int(self.h.get_max_value()),
+                "mean": float(self.h.get_mean_value()), "stddev": float(self.h.get_stddev()),
+                "N": self.count, "percentile": pct}
+
+
+class Timeline:
+    """Completions per 10 ms bucket, for throughput-over-time plots."""
+
+    BUCKET_S = 0.01
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.counts: dict[str, list[int]] = {"read": [], "write": []}
+
+    def record(self, kind: str, now: float) -> None:
+        i = int((now - self.start) / self.BUCKET_S)
+        col = self.counts[kind]
+        if i >= len(col):
+            col.extend([0] * (i + 1 - len(col)))
+        col[i] += 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": 1, "bucket_ms": int(self.BUCKET_S * 1000), "start_mono": self.start,
+                "start_t": time.time() - (time.monotonic() - self.start), **self.counts}
 
 
 def run_load(endpoint: str, spec: LoadSpec, journal: Path | None = None, target: str = "",
-             progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+             progress: Callable[[dict[str, Any]], None] | None = None,
+             timeline: Path | None = None) -> dict[str, Any]:
     rng = random.Random(spec.seed)
     with BlockClient(endpoint) as client:
         info = client.info()
@@ -74,11 +121,12 @@ def run_load(endpoint: str, spec: LoadSpec, journal: Path | None = None, target:
                                      "workload": spec.workload}) if journal else None
         inflight: set[int] = set()
         seq_next = 0
-        lat = {"read": [], "write": []}
+        lat = {"read": Latency(), "write": Latency()}
         counts = {"read": 0, "write": 0}
         errors: list[str] = []
         start = time.monotonic()
         end = start + spec.duration
+        tl = Timeline(start)
         last_progress = start
 
         def pick() -> int:
@@ -123,7 +171,8 @@ def run_load(endpoint: str, spec: LoadSpec, journal: Path | None = None, target:
                 inflight.discard(b)
                 if c.ok:
                     counts[kind] += 1
-                    lat[kind].append(c.latency)
+                    lat[kind].record(c.latency)
+                    tl.record(kind, time.monotonic())
                     if kind == "write" and jw:
                         jw.acked(c.req_id)
                 else:
@@ -138,6 +187,9 @@ def run_load(endpoint: str, spec: LoadSpec, journal: Path | None = None, target:
                           "retries": client.retries, "errors": len(errors)})
         elapsed = time.monotonic() - start
         summary = _summary(spec, target, endpoint, elapsed, counts, lat, errors, client)
+        if timeline is not None:
+            timeline.write_text(json.dumps(tl.to_json()))
+            summary["timeline"] = str(timeline)
         if jw:
             jw.close(summary)
             summary["journal"] = str(journal)
@@ -145,12 +197,18 @@ def run_load(endpoint: str, spec: LoadSpec, journal: Path | None = None, target:
 
 
 def _summary(spec: LoadSpec, target: str, endpoint: str, elapsed: float, counts: dict[str, int],
-             lat: dict[str, list[float]], errors: list[str], client: BlockClient) -> dict[str, Any]:
-    """The stable summary format (version 1), shaped after fio's JSON where it can be."""
+             lat: dict[str, Latency], errors: list[str], client: BlockClient) -> dict[str, Any]:
+    """The stable summary (version 1), plus a `jobs` list shaped like fio's JSON output."""
     def side(kind: str) -> dict[str, Any]:
         n = counts[kind]
         return {"ops": n, "iops": round(n / elapsed, 1), "bw_mbps": round(n * spec.bs / elapsed / 1e6, 2),
-                "clat_us": percentiles(lat[kind])}
+                "clat_us": lat[kind].us()}
+
+    def fio_side(kind: str) -> dict[str, Any]:
+        n = counts[kind]
+        return {"io_bytes": n * spec.bs, "io_kbytes": n * spec.bs // 1024,
+                "bw": int(n * spec.bs / 1024 / elapsed), "iops": n / elapsed,
+                "runtime": int(elapsed * 1000), "total_ios": n, "clat_ns": lat[kind].fio_clat_ns()}
 
     total = counts["read"] + counts["write"]
     return {
@@ -161,4 +219,9 @@ def _summary(spec: LoadSpec, target: str, endpoint: str, elapsed: float, counts:
         "read": side("read"), "write": side("write"),
         "retries": client.retries, "reconnects": client.reconnects,
         "errors": len(errors), "first_errors": errors[:5],
+        "fio version": "vmemu-load-1",
+        "jobs": [{"jobname": f"vmemu-{spec.workload}", "error": 1 if errors else 0,
+                  "job options": {"rw": spec.workload, "bs": str(spec.bs),
+                                  "iodepth": str(spec.iodepth)},
+                  "read": fio_side("read"), "write": fio_side("write")}],
     }

@@ -294,10 +294,13 @@ def giveback(obj: Ctx, node: str, timeout: float) -> None:
 @click.option("--rwmixread", default=50, show_default=True)
 @click.option("--journal", type=click.Path(dir_okay=False), default=None,
               help="Record issued/acknowledged writes here for `vmemu verify`.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (stable, version 1).")
+@click.option("--timeline", type=click.Path(dir_okay=False), default=None,
+              help="Write completions per 10 ms bucket here (JSON).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the summary as JSON (stable, version 1; `jobs` follows fio's JSON).")
 @click.pass_obj
 def load(obj: Ctx, target: str, workload: str, bs: str, iodepth: int, duration: str, size: str | None,
-         lun: int, rwmixread: int, journal: str | None, as_json: bool) -> None:
+         lun: int, rwmixread: int, journal: str | None, timeline: str | None, as_json: bool) -> None:
     """Drive pipelined block I/O at a node's identity; survives takeover and giveback."""
     from clients.load import LoadSpec, run_load
 
@@ -312,7 +315,8 @@ def load(obj: Ctx, target: str, workload: str, bs: str, iodepth: int, duration: 
             console.print(f"[dim]{p['elapsed']:5.1f}s {p['ops']:>9} ops {p['iops']:>9.0f} IOPS "
                           f"retries {p['retries']} errors {p['errors']}[/]", end="\r")
 
-    summary = run_load(endpoint, spec, Path(journal) if journal else None, target, progress)
+    summary = run_load(endpoint, spec, Path(journal) if journal else None, target, progress,
+                       Path(timeline) if timeline else None)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
