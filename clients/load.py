@@ -18,6 +18,7 @@ from hdrh.histogram import HdrHistogram
 
 from clients import pattern
 from clients.block import BlockClient
+from clients.connect import open_client
 from clients.journal import JournalWriter
 from vmemu.errors import BadRequest
 
@@ -107,7 +108,7 @@ def run_load(endpoint: str, spec: LoadSpec, journal: Path | None = None, target:
              progress: Callable[[dict[str, Any]], None] | None = None,
              timeline: Path | None = None) -> dict[str, Any]:
     rng = random.Random(spec.seed)
-    with BlockClient(endpoint) as client:
+    with open_client(endpoint) as client:
         info = client.info()
         luns = {l["lun"]: l["size"] for l in info["luns"]}
         if spec.lun not in luns:

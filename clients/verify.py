@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from clients import pattern
-from clients.block import BlockClient
+from clients.connect import open_client
 from clients.journal import Journal
 
 
@@ -24,7 +24,7 @@ def verify(endpoint: str, journal_path: Path, depth: int = 32) -> dict[str, Any]
     result = {"version": 1, "journal": str(journal_path), "identity": j.header.get("identity"),
               "ranges": len(todo), "acked_writes": len(j.acked), "ok": 0, "lost": 0,
               "corrupt": 0, "unjudged": 0, "problems": []}
-    with BlockClient(endpoint) as client:
+    with open_client(endpoint) as client:
         it = iter(todo)
         inflight = 0
 

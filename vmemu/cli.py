@@ -283,7 +283,8 @@ def giveback(obj: Ctx, node: str, timeout: float) -> None:
 
 # -- load and verify -------------------------------------------------------------------------
 @cli.command()
-@click.option("--target", default="node1", show_default=True, help="Node identity to load.")
+@click.option("--target", default="node1", show_default=True,
+              help="Node identity to load, or an nbd:// URI (any NBD server).")
 @click.option("--workload", type=click.Choice(["randwrite", "randread", "randrw", "seqwrite", "seqread"]),
               default="randwrite", show_default=True)
 @click.option("--bs", default="4k", show_default=True)
@@ -307,8 +308,8 @@ def load(obj: Ctx, target: str, workload: str, bs: str, iodepth: int, duration: 
     spec = LoadSpec(workload=workload, bs=parse_size(bs), iodepth=iodepth,
                     duration=parse_duration(duration), size=parse_size(size) if size else None,
                     lun=lun, rwmixread=rwmixread)
-    ctl = obj.control()
-    endpoint = ctl.endpoint(target)
+    # An nbd:// target needs no cluster at all: any NBD server will do (nbdkit, for a baseline).
+    endpoint = target if target.startswith("nbd://") else obj.control().endpoint(target)
 
     def progress(p: dict[str, Any]) -> None:
         if not as_json and sys.stderr.isatty():
@@ -344,8 +345,9 @@ def verify(obj: Ctx, journal: str, target: str | None, as_json: bool) -> None:
     from clients.verify import verify as run_verify
 
     header = Journal.load(Path(journal)).header
-    ctl = obj.control()
-    res = run_verify(ctl.endpoint(target or header.get("identity") or "node1"), Path(journal))
+    target = target or header.get("identity") or "node1"
+    endpoint = target if target.startswith("nbd://") else obj.control().endpoint(target)
+    res = run_verify(endpoint, Path(journal))
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:
