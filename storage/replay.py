@@ -210,6 +210,16 @@ def _store_fence(typingctx):  # type: ignore[no-untyped-def]
 _STREAM_MIN = 256  # payloads from this size are copied with non-temporal stores
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _row_fits(off: int, length: int, src: int, dsize: int, lsize: int) -> bool:
+    """A record's payload lies inside the log and its target inside the disk.
+
+    Written as subtractions so huge offsets cannot overflow int64 and pass.
+    """
+    return not (off < 0 or length < 0 or length > dsize or off > dsize - length
+                or src < _HDR or src > lsize - length)
+
+
 @njit(cache=True, nogil=True)
 def _copy_payload(dst, doff, src, soff, n):  # type: ignore[no-untyped-def]
     """dst[doff:doff+n] = src[soff:soff+n], streaming (non-temporal) where it pays.
@@ -352,15 +362,7 @@ def apply(log, index, count, lun, min_seq, disk):  # type: ignore[no-untyped-def
         off = index[r, IDX_OFFSET]
         length = index[r, IDX_LENGTH]
         src = index[r, IDX_POS] + _HDR
-        # Written as subtractions so huge offsets cannot overflow int64 and pass.
-        if (
-            off < 0
-            or length < 0
-            or length > dsize
-            or off > dsize - length
-            or src < _HDR
-            or src > lsize - length
-        ):
+        if not _row_fits(off, length, src, dsize, lsize):
             bad += 1
             continue
         _copy_bytes(disk, off, log, src, length)
@@ -483,14 +485,7 @@ def plan(log, index, count, lun, min_seq, disk_size):  # type: ignore[no-untyped
         off = index[r, IDX_OFFSET]
         length = index[r, IDX_LENGTH]
         src = index[r, IDX_POS] + _HDR
-        if (
-            off < 0
-            or length < 0
-            or length > disk_size
-            or off > disk_size - length
-            or src < _HDR
-            or src > lsize - length
-        ):
+        if not _row_fits(off, length, src, disk_size, lsize):
             bad += 1
             continue
         if length > 0:

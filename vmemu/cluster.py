@@ -54,7 +54,7 @@ class Control:
         self.dir = datadir.resolve(data_dir)
         info = datadir.read_cluster(self.dir)
         pid = int(info.get("hypervisor_pid", 0))
-        if not _alive(pid):
+        if not pid_alive(pid):
             raise NotRunning(f"no cluster is running in {self.dir} (hypervisor pid {pid} is gone; "
                              "start one with `vmemu up`)")
         self.info = info
@@ -79,7 +79,7 @@ class Control:
         self.ctx.term()
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
     try:

@@ -41,6 +41,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vmemu import datadir
+from vmemu.cluster import pid_alive
 from vmemu.errors import BadRequest, NotRunning, VmemuError
 
 REFRESH_S = 0.25  # about 4 frames a second
@@ -498,15 +499,6 @@ class Terminal:
 
 
 # -- the loop ----------------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
-
 
 class TopState:
     """What the loop knows between frames: the last status, IOPS, selection, message."""
@@ -540,7 +532,7 @@ class TopState:
                 return
         try:
             pid = int(self.ctl.info.get("hypervisor_pid", 0))
-            if not _pid_alive(pid):  # do not wait out an RPC timeout for a process that is gone
+            if not pid_alive(pid):  # do not wait out an RPC timeout for a process that is gone
                 raise NotRunning(f"the cluster stopped (hypervisor pid {pid} exited)")
             self.raw = self.ctl.status().raw
             self.error = None
