@@ -4,6 +4,10 @@ Figures (all measured in this run, on this machine):
   replay_gbps  numba replay vs the pure-Python reference vs memcpy of the same size
   takeover_ms  kill -9 to the first successful client op on the failed node's identity
   up_s         4-node cluster start to all-serving, cold and warm numba cache
+  bus_overhead vmemu RPC round trip vs bare pyzmq REQ/REP echo, 4 KiB
+  ha_modes     the same randwrite load in HA modes shm, mirror, none (and fio over NBD if exported)
+  nbd_randwrite  fio over NBD: vmemu LUN vs nbdkit memory (skipped without fio/nbdkit/export)
+  failover_timeline  client throughput through kill -9, takeover, restart, giveback (PNGs)
   baseline     machine facts and a memcpy figure
 Targets are reported as pass/fail; the run does not fail on a missed target.
 """
@@ -17,11 +21,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench import replay_bench, report, takeover_bench, up_bench
+from bench import (bus_overhead, failover_timeline, ha_modes_bench, nbd_bench, replay_bench,
+                   report, takeover_bench, up_bench)
 from bench.common import MiB, log, machine_facts, memcpy_gbps, processes_mentioning, shm_entries
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-PARTS = ("replay", "takeover", "up")
+PARTS = ("replay", "takeover", "up", "bus_overhead", "ha_modes", "nbd_randwrite",
+         "failover_timeline")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         "takeover": ("takeover_ms", lambda: takeover_bench.run(args.quick, args.trials,
                                                                args.takeover_offsets, args.out)),
         "up": ("up_s", lambda: up_bench.run(args.quick)),
+        "bus_overhead": ("bus_overhead", lambda: bus_overhead.run(args.quick)),
+        "ha_modes": ("ha_modes", lambda: ha_modes_bench.run(args.quick)),
+        "nbd_randwrite": ("nbd_randwrite", lambda: nbd_bench.run(args.quick)),
+        "failover_timeline": ("failover_timeline",
+                              lambda: failover_timeline.run(args.quick, args.out)),
     }
     for part in parts:
         key, fn = runners[part]

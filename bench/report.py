@@ -13,6 +13,10 @@ TARGETS: list[tuple[str, str, tuple[str, ...], str, float, str]] = [
     ("replay_vs_python", "replay numba / python", ("replay_gbps", "ratio_python"), ">=", 50.0, "x"),
     ("takeover_p99", "takeover p99", ("takeover_ms", "p99"), "<", 200.0, "ms"),
     ("up_warm", "up --nodes 4, warm", ("up_s", "warm"), "<", 3.0, "s"),
+    ("ha_shm_vs_mirror", "ha: shm / mirror IOPS", ("ha_modes", "ratio_shm_mirror"), ">=", 2.0, "x"),
+    ("ha_shm_vs_none", "ha: shm / none IOPS", ("ha_modes", "ratio_shm_none"), ">=", 3.0, "x"),
+    ("nbd_vs_nbdkit", "NBD: vmemu / nbdkit memory IOPS", ("nbd_randwrite", "ratio"), ">=", 0.25,
+     "x"),
 ]
 
 
@@ -95,9 +99,78 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             ("up --nodes 4 cold (s)", _fmt(up.get("cold")), "", ""),
             ("up --nodes 4 warm (s)", _fmt(up.get("warm")), target("up_warm"), verdict("up_warm")),
         ]
+    out += _new_rows(r, target, verdict)
     base = r.get("baseline") or {}
     if base:
         out.append(("baseline memcpy 64 MiB (GB/s)", _fmt(base.get("memcpy_gbps")), "", ""))
+    return out
+
+
+def _new_rows(r: dict[str, Any], target: Any, verdict: Any) -> list[tuple[str, str, str, str]]:
+    """Rows of bus_overhead, ha_modes, nbd_randwrite and failover_timeline."""
+    out: list[tuple[str, str, str, str]] = []
+    bo = r.get("bus_overhead") or {}
+    if bo:
+        vm, bare = bo.get("vmemu_rpc_us") or {}, bo.get("bare_zmq_us") or {}
+        out += [
+            (f"bus: vmemu RPC 4 KiB round trip p50 / p99 (us, n={bo.get('n')})",
+             f"{_fmt(vm.get('p50'))} / {_fmt(vm.get('p99'))}", "", ""),
+            ("bus: bare zmq REQ/REP p50 / p99 (us)",
+             f"{_fmt(bare.get('p50'))} / {_fmt(bare.get('p99'))}", "", ""),
+            ("bus: vmemu / bare p50 / p99",
+             f"{_fmt(bo.get('ratio_p50'))} / {_fmt(bo.get('ratio_p99'))}", "", ""),
+        ]
+    ha = r.get("ha_modes") or {}
+    if ha:
+        for m, v in (ha.get("modes") or {}).items():
+            out.append((f"ha {m}: IOPS, p50 / p99 (us)",
+                        f"{_fmt(v.get('iops'))}, {_fmt(v.get('p50_us'))} / {_fmt(v.get('p99_us'))}",
+                        "", ""))
+            f = v.get("fio")
+            if isinstance(f, dict):
+                out.append((f"  fio over NBD, {m}: IOPS, p50 / p99 (us)",
+                            f"{_fmt(f.get('iops'))}, {_fmt(f.get('p50_us'))} / "
+                            f"{_fmt(f.get('p99_us'))}", "", ""))
+        out += [("ha: shm / mirror IOPS", _fmt(ha.get("ratio_shm_mirror")),
+                 target("ha_shm_vs_mirror"), verdict("ha_shm_vs_mirror")),
+                ("ha: shm / none IOPS", _fmt(ha.get("ratio_shm_none")), target("ha_shm_vs_none"),
+                 verdict("ha_shm_vs_none"))]
+        if "fio_ratio_shm_mirror" in ha:
+            out.append(("  fio: shm / mirror, shm / none IOPS",
+                        f"{_fmt(ha.get('fio_ratio_shm_mirror'))}, "
+                        f"{_fmt(ha.get('fio_ratio_shm_none'))}", "", ""))
+        elif ha.get("fio"):
+            out.append(("  fio over NBD", str(ha["fio"]), "", ""))
+    nb = r.get("nbd_randwrite") or {}
+    if nb:
+        base = nb.get("nbdkit_memory") or {}
+        if base:
+            out.append(("nbd: nbdkit memory fio IOPS, p50 / p99 (us)",
+                        f"{_fmt(base.get('iops'))}, {_fmt((base.get('clat_us') or {}).get('p50'))}"
+                        f" / {_fmt((base.get('clat_us') or {}).get('p99'))}", "", ""))
+        vm = nb.get("vmemu") or {}
+        if vm:
+            out.append(("nbd: vmemu LUN fio IOPS, p50 / p99 (us)",
+                        f"{_fmt(vm.get('iops'))}, {_fmt((vm.get('clat_us') or {}).get('p50'))}"
+                        f" / {_fmt((vm.get('clat_us') or {}).get('p99'))}", "", ""))
+        out.append(("nbd: vmemu / nbdkit memory IOPS",
+                    _fmt(nb.get("ratio")) if "skipped" not in nb else f"skipped: {nb['skipped']}",
+                    target("nbd_vs_nbdkit"), verdict("nbd_vs_nbdkit")))
+    ft = r.get("failover_timeline") or {}
+    if ft:
+        dip = ft.get("dip_ms") or {}
+        st = ft.get("stages_ms") or {}
+        io = ft.get("iops") or {}
+        out += [
+            ("failover: client IOPS before crash / on partner / after giveback",
+             f"{_fmt(io.get('before_crash'))} / {_fmt(io.get('served_by_partner'))} / "
+             f"{_fmt(io.get('after_giveback'))}", "", ""),
+            ("failover: no-completion dip at crash / at giveback (ms)",
+             f"{_fmt(dip.get('crash'))} / {_fmt(dip.get('giveback'))}", "", ""),
+            ("failover: takeover first_request_served (ms after detection)",
+             _fmt(st.get("first_request_served")), "", ""),
+            ("failover: giveback started to done (ms)", _fmt(ft.get("giveback_ms")), "", ""),
+        ]
     return out
 
 
@@ -139,6 +212,15 @@ def markdown(results: dict[str, Any]) -> str:
                      f"successful read on node1's identity; 2-node cluster, {tk.get('nvram_mb')} MiB "
                      f"NVRAM filled to {((tk.get('fill') or {}).get('median'))} of the log. "
                      f"Stages: {tk.get('stages_note')}. {tk.get('p99_note')}.")
+    ft = results.get("failover_timeline") or {}
+    if ft.get("png"):
+        notes.append(f"- Failover timeline: {Path(ft['png']).name} (client IOPS through kill -9, "
+                     f"takeover, restart, giveback) and {Path(ft.get('events_png', '')).name} "
+                     f"(every event, vmemu.timeline); takeover stages (ms after detection): "
+                     f"{ft.get('stages_ms')}.")
+    ha = results.get("ha_modes") or {}
+    if ha.get("method"):
+        notes.append(f"- HA modes: {ha['method']}.")
     if results.get("errors"):
         notes.append(f"- Errors: {results['errors']}")
     if notes:
