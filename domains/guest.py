@@ -26,13 +26,14 @@ import zmq
 from domains.dmodule import DModule
 from domains.failover_monitor import FailoverMonitor
 from domains.mirror import MirrorReceiver, MirrorSender, mirror_endpoint
+from domains.nbd_server import NbdServer
 from domains.nmodule import NModule
 from storage import nvlog, nvlog_format, replay
 from storage import region as shm
 from vmemu import datadir
 from vmemu.bus import codec
 from vmemu.bus.rpc import RpcClient, RpcServer
-from vmemu.config import ClusterConfig, partner_of
+from vmemu.config import ClusterConfig, nbd_address, partner_of
 from vmemu.errors import BadRequest, InvalidState, NotGranted, VmemuError
 from vmemu.hypervisor import fdbroker
 
@@ -72,6 +73,9 @@ class Guest:
                                self._emit_cp, self.cfg.ha_mode, self.mirror_tx)
         self.nmodule = NModule(self.ctx, self.cfg.cluster_id, self.dmodule, node,
                                self._first_request)
+        self.nbd = NbdServer(self.dmodule, node, lambda ident: nbd_address(self.cfg, ident),
+                             self.nmodule.note_served,
+                             lambda msg: print(f"node{node}: {msg}", file=sys.stderr, flush=True))
         self.monitor = FailoverMonitor(node, self.cfg.heartbeat_ms / 1000.0, self.ctx,
                                        info["control"], self._stats)
         self.next_cp = time.monotonic() + self.cfg.cp_interval_s
@@ -194,6 +198,7 @@ class Guest:
             if ident not in self.dmodule.served:
                 raise InvalidState(f"node{self.node} does not serve node{ident}")
             self.nmodule.unbind(ident)
+            self.nbd.unbind(ident)
             return {"cp_ms": self.dmodule.release_identity(ident)["ms"]}
         if req.op == "map":
             self._on_grant(codec.arg(req, "region", int), codec.arg(req, "owner", int))
@@ -235,7 +240,10 @@ class Guest:
             rep["from_mirror_copy"] = sum(1 for r, m in chain if isinstance(m, bytearray))
             replay_done = time.monotonic()
             self.nmodule.bind(ident)
+            self.nbd.bind(ident)
         except Exception:
+            self.nmodule.unbind(ident)
+            self.nbd.unbind(ident)
             self.dmodule.served.pop(ident, None)
             for lun in served.luns:
                 lun.disk.close()
@@ -260,13 +268,16 @@ class Guest:
             ident_socks = self.nmodule.sockets()
             for s in ident_socks:
                 poller.register(s, zmq.POLLIN)
+            for fd, events in self.nbd.poll_fds().items():
+                poller.register(fd, events)
             timeout = max(0.0, min(now + 0.1, self.next_cp) - now)
-            ready = dict(poller.poll(int(timeout * 1000) + 1))
+            ready = dict(poller.poll(0 if self.nbd.busy() else int(timeout * 1000) + 1))
             if self.control.sock in ready:
                 self._drain_control()
             for s, ident in ident_socks.items():
                 if s in ready:
                     self.nmodule.serve_ready(ident)
+            self.nbd.service(ready)
             now = time.monotonic()
             if now >= self.next_cp or self.dmodule.log_fill() >= 0.5:
                 self._cp("timer" if now >= self.next_cp else "log_half_full")
@@ -305,6 +316,7 @@ class Guest:
             for peer in self.peers.values():
                 peer.close()
             self.nmodule.close()
+            self.nbd.close()
             self.dmodule.close()
             self.control.close()
             self.uplink.close()

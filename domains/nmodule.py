@@ -2,7 +2,9 @@
 
 Transport (a ZeroMQ ROUTER bound at the identity's endpoint) and protocol (vmemu's block
 protocol: info, read, write, flush on a LUN, each with a request id) are kept apart, so that a
-standard protocol (NBD) can be added beside this one without touching the D-module.
+standard protocol can sit beside this one without touching the D-module: NBD does, on the
+identity's own loopback address (domains/nbd_proto.py, the protocol; domains/nbd_server.py,
+its TCP transport in the same loop).
 
 Block protocol, carried in bus frames (vmemu.bus.codec):
     info  {}                                            -> {identity, served_by, luns: [{lun, size}]}
@@ -108,9 +110,14 @@ class NModule:
                 srv.reply_error(inc.peer, inc.request.id, exc)
                 continue
             srv.reply(inc.peer, inc.request.id, result)
-            if identity in self.first_pending:
-                self.first_pending.discard(identity)
-                self.on_first_request(identity, time.monotonic())
+            self.note_served(identity)
+
+    def note_served(self, identity: int) -> None:
+        """A request of `identity` was answered, by this transport or NBD's
+        (domains/nbd_server.py): the first one after a bind is reported (takeover timing)."""
+        if identity in self.first_pending:
+            self.first_pending.discard(identity)
+            self.on_first_request(identity, time.monotonic())
 
     def close(self) -> None:
         for ident in list(self.listeners):

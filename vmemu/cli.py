@@ -78,17 +78,22 @@ def cli(ctx: click.Context, data_dir: str | None) -> None:
 @click.option("--giveback-delay", default=2.0, show_default=True,
               help="Seconds before automatic giveback; negative for manual only.")
 @click.option("--cp-interval", default=5.0, show_default=True, help="Seconds between timer CPs.")
+@click.option("--nbd-port", default=10809, show_default=True,
+              help="TCP port of every node's NBD export (0: any free port).")
+@click.option("--nbd-addr", default="127.0.10.0", show_default=True,
+              help="NBD address base: node N serves its LUNs on base + N (127.0.10.N).")
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for serving.")
 @click.pass_obj
 def up(obj: Ctx, nodes: int, topology: str, detach: bool, heartbeat_ms: int, heartbeat_misses: int,
        nvram_mb: int, disks: int, disk_mb: int, grant_mode: str, ha_mode: str, giveback_delay: float,
-       cp_interval: float, timeout: float) -> None:
+       cp_interval: float, timeout: float, nbd_port: int = 10809,
+       nbd_addr: str = "127.0.10.0") -> None:
     """Start a cluster (foreground with a live view; Ctrl-C stops it cleanly)."""
     cfg = ClusterConfig(nodes=nodes, topology=topology, heartbeat_ms=heartbeat_ms,
                         heartbeat_misses=heartbeat_misses, nvram_mb=nvram_mb, disks=disks,
                         disk_mb=disk_mb, grant_mode=grant_mode, ha_mode=ha_mode,
                         giveback_delay_s=giveback_delay,
-                        cp_interval_s=cp_interval)
+                        cp_interval_s=cp_interval, nbd_port=nbd_port, nbd_addr_base=nbd_addr)
     t0 = time.monotonic()
     proc = launch(obj.dir, cfg, detach)
     try:
@@ -186,6 +191,46 @@ def status(obj: Ctx, as_json: bool) -> None:
     if raw["grants"]:
         console.print("grants: " + "; ".join(f"{g['owner']}'s {g['region']} -> {g['grantee']} ({g['mode']})"
                                              for g in raw["grants"]))
+    rows = _lun_rows(raw)
+    if rows:
+        console.print("NBD exports (each identity's own address; whoever serves it answers there):")
+        for r in rows:
+            console.print(f"  {r['identity']:<7} {r['lun']:<5} {r['uri']:<34} served by "
+                          f"{r['served_by'] or 'nobody'}", highlight=False)
+
+
+def _lun_rows(raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per LUN of every identity: size (disk_mb MiB each), who serves it, its URI."""
+    size = int(raw["config"].get("disk_mb", 0)) << 20
+    rows = []
+    for n in raw["nodes"]:
+        for i, uri in enumerate((n.get("nbd") or {}).get("uris") or []):
+            rows.append({"identity": n["name"], "lun": f"lun{i}", "size": size,
+                         "served_by": n["identity_served_by"], "uri": uri})
+    return rows
+
+
+@cli.group()
+def lun() -> None:
+    """The LUNs of every identity, and where NBD clients reach them."""
+
+
+@lun.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable: a list of rows.")
+@click.pass_obj
+def lun_list(obj: Ctx, as_json: bool) -> None:
+    """Identity, LUN, size, served by, nbd:// URI."""
+    rows = _lun_rows(obj.control().status().raw)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    t = Table(title="vmemu LUNs")
+    for col in ("identity", "LUN", "size", "served by", "URI"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["identity"], r["lun"], f"{r['size'] / 2**20:.0f} MiB",
+                  r["served_by"] or "[red]nobody[/]", r["uri"])
+    console.print(t)
 
 
 @cli.command()

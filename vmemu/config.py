@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -26,6 +27,8 @@ class ClusterConfig:
     giveback_delay_s: float = 2.0  # negative: manual giveback only
     cp_interval_s: float = 5.0
     ha_mode: str = "shm"  # shm: the patent; mirror: copy every record to the partner; none: no NVRAM
+    nbd_addr_base: str = "127.0.10.0"  # node N serves NBD on base + N (127.0.10.N)
+    nbd_port: int = 10809  # 0: the hypervisor picks a free port at boot (cluster.json has the real one)
     cluster_id: str = field(default_factory=lambda: secrets.token_hex(4))
 
     def __post_init__(self) -> None:
@@ -52,6 +55,17 @@ class ClusterConfig:
             raise BadRequest("disk size must be between 1 MiB and 1 TiB")
         if self.cp_interval_s <= 0:
             raise BadRequest("CP interval must be positive")
+        if not 0 <= self.nbd_port <= 65535:
+            raise BadRequest(f"NBD port {self.nbd_port} is not between 0 and 65535 (0: any free port)")
+        try:
+            base = ipaddress.IPv4Address(self.nbd_addr_base)
+        except ValueError:
+            raise BadRequest(f"NBD address base {self.nbd_addr_base!r} is not an IPv4 address "
+                             "(example: 127.0.10.0)") from None
+        last = int(base) + self.nodes
+        if not base.is_loopback or last > int(ipaddress.IPv4Address("127.255.255.254")):
+            raise BadRequest(f"NBD address base {self.nbd_addr_base} + {self.nodes} nodes must stay "
+                             "inside 127.0.0.0/8 (each node gets its own loopback address)")
 
     @property
     def node_names(self) -> list[str]:
@@ -88,3 +102,18 @@ def partner_of(index: int, nodes: int, topology: str) -> int | None:
     if topology == "pairs":
         return index + 1 if index % 2 else index - 1
     return index % nodes + 1
+
+
+def nbd_address(cfg: ClusterConfig, node: int) -> tuple[str, int]:
+    """Where node `node`'s identity serves NBD: (base + node, port), e.g. ("127.0.10.1", 10809).
+
+    The address belongs to the identity, not to the process: whoever serves the identity
+    (the node, or its partner after a takeover) listens there.
+    """
+    return str(ipaddress.IPv4Address(cfg.nbd_addr_base) + node), cfg.nbd_port
+
+
+def nbd_uri(cfg: ClusterConfig, node: int, lun: int) -> str:
+    """"nbd://127.0.10.1:10809/lun0": node `node`'s LUN `lun` as NBD clients name it."""
+    host, port = nbd_address(cfg, node)
+    return f"nbd://{host}:{port}/lun{lun}"

@@ -110,7 +110,8 @@ def run_demo(scenario: str, data_dir: Path | None = None, fast: bool = False, sp
     nodes = 3 if scenario == "ring" else (2 if scenario == "double-failure" else 4)
     cfg = dict(nodes=nodes, data_dir=d / "cluster", topology="ring" if scenario == "ring" else "pairs",
                heartbeat_ms=int(100 * speed), heartbeat_misses=5, cp_interval_s=2.0 * speed,
-               giveback_delay_s=0.5 * speed, disk_mb=64, nvram_mb=32)
+               giveback_delay_s=0.5 * speed, disk_mb=64, nvram_mb=32,
+               nbd_port=0)  # NBD on any free port: a demo must not collide with a running cluster
     load_s = (3.0 if fast else 8.0) * max(speed, 1.0)
     try:
         with Cluster(**cfg) as c:  # type: ignore[arg-type]

@@ -42,7 +42,7 @@ def test_bad_arguments_are_one_line(tmp_path):
 def test_readme_story_on_the_command_line(tmp_path):
     d = tmp_path / "d"
     common = ["--disk-mb", "32", "--nvram-mb", "16", "--heartbeat-ms", "50",
-              "--heartbeat-misses", "10", "--giveback-delay", "0.2"]
+              "--heartbeat-misses", "10", "--giveback-delay", "0.2", "--nbd-port", "0"]
     vmemu(d, "up", "--nodes", "2", "--detach", *common, check=True)
     try:
         assert_one_line_error(vmemu(d, "up", "--nodes", "2", "--detach"), "in use")
@@ -85,12 +85,12 @@ def test_clean_down_then_up_keeps_every_write(tmp_path):
     d = tmp_path / "d"
     from vmemu.cluster import Cluster
 
-    with Cluster(nodes=2, data_dir=d, disk_mb=32, nvram_mb=16) as c:
+    with Cluster(nodes=2, data_dir=d, disk_mb=32, nvram_mb=16, nbd_port=0) as c:
         with c.client("node2") as b:
             for i in range(16):
                 b.write(1, i * 4096, bytes([0x40 + i]) * 4096)
     # The NVRAM is gone with the cluster: the final CP must have put everything on disk.
-    with Cluster(nodes=2, data_dir=d, disk_mb=32, nvram_mb=16) as c:
+    with Cluster(nodes=2, data_dir=d, disk_mb=32, nvram_mb=16, nbd_port=0) as c:
         with c.client("node2") as b:
             for i in range(16):
                 assert b.read(1, i * 4096, 4096) == bytes([0x40 + i]) * 4096

@@ -9,10 +9,13 @@ the loop that turns sockets, pidfds and time into their events, and their action
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import json
 import os
 import select
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -24,7 +27,7 @@ from storage.disk import Disk, disk_path, stamp_epoch
 from vmemu import datadir
 from vmemu.bus import codec
 from vmemu.bus.rpc import AsyncRpcClient, RpcServer
-from vmemu.config import ClusterConfig, node_index, partner_of
+from vmemu.config import ClusterConfig, nbd_address, nbd_uri, node_index, partner_of
 from vmemu.errors import BadRequest, InvalidState, NotGranted, UnknownNode, VmemuError
 from vmemu.hypervisor import failover as fo
 from vmemu.hypervisor.events import EventLog
@@ -37,9 +40,9 @@ from vmemu.hypervisor.supervisor import Supervisor
 class Hypervisor:
     def __init__(self, data_dir: Path, cfg: ClusterConfig, parent_pid: int | None) -> None:
         self.dir = data_dir
-        self.cfg = cfg
         self.lock = datadir.DirLock(data_dir)
         self.lock.acquire()
+        self.cfg = cfg = resolve_nbd_port(cfg)  # before cluster.json: guests read the real port
         self.ctx = zmq.Context()
         self.events = EventLog(datadir.events_file(data_dir))
         self.grants = GrantTable()
@@ -74,7 +77,7 @@ class Hypervisor:
             "config": self.cfg.to_dict(),
         })
         self.events.emit("cluster_up", "hypervisor", nodes=self.cfg.nodes,
-                         topology=self.cfg.topology, pid=os.getpid())
+                         topology=self.cfg.topology, pid=os.getpid(), nbd_port=self.cfg.nbd_port)
         for n in range(1, self.cfg.nodes + 1):
             self._spawn(n)
 
@@ -469,6 +472,8 @@ class Hypervisor:
                 "serves": [f"node{i}" for i in self.coord.served(n)],
                 "region": f"{r:#x}" if (r := self.coord.region[n]) else None,
                 "endpoint": datadir.identity_endpoint(self.cfg.cluster_id, n),
+                "nbd": {"address": nbd_address(self.cfg, n)[0], "port": self.cfg.nbd_port,
+                        "uris": [nbd_uri(self.cfg, n, lun) for lun in range(self.cfg.disks)]},
                 "last_takeover": self._takeover_view(n),
             })
         return {"version": 1, "cluster_id": self.cfg.cluster_id, "hypervisor_pid": os.getpid(),
@@ -519,6 +524,40 @@ class Hypervisor:
 
 
 _DEFERRED = object()
+
+
+def _nbd_port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
+
+
+def resolve_nbd_port(cfg: ClusterConfig, attempts: int = 20) -> ClusterConfig:
+    """The config with a real NBD port: port 0 becomes a free one (bind 127.0.0.1:0 with
+    SO_REUSEADDR, read it, close), checked free on every node's address; a fixed port is
+    checked the same way, so a taken one is one clear line instead of guests failing to serve."""
+    hosts = [nbd_address(cfg, n)[0] for n in range(1, cfg.nodes + 1)]
+    if cfg.nbd_port:
+        busy = [h for h in hosts if not _nbd_port_free(h, cfg.nbd_port)]
+        if busy:
+            raise BadRequest(f"NBD port {cfg.nbd_port} is in use on {', '.join(busy)} (another "
+                             "vmemu cluster or NBD server?); choose another --nbd-port, or 0 for "
+                             "any free port")
+        return cfg
+    for _ in range(attempts):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if all(_nbd_port_free(h, port) for h in hosts):
+            return dataclasses.replace(cfg, nbd_port=port)
+    raise VmemuError(f"found no TCP port free on every NBD address ({hosts[0]}...)")
 METRICS_S = 0.5
 
 
