@@ -279,7 +279,7 @@ def run(quick: bool, trials: int | None = None, pattern: str = "seq",
         failures: list[dict[str, Any]] = []
         kept = None
         try:
-            with Cluster(nodes=2, data_dir=data_dir, nvram_mb=NVRAM_MB, cp_interval_s=600.0,
+            with Cluster(nodes=2, data_dir=data_dir, nvram_mb=NVRAM_MB, cp_interval_s=600.0, nbd_port=0,
                          giveback_delay_s=0.0, disk_mb=disk_mb) as c:
                 _wait(c, _healthy, 30.0, "both nodes serving, each able to take over")
                 for i in range(trials + MAX_FAILED_TRIALS):

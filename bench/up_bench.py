@@ -21,7 +21,7 @@ TARGET_WARM_S = 3.0
 
 
 def _one(data_dir: Path) -> dict[str, Any]:
-    c = Cluster(nodes=NODES, data_dir=data_dir)
+    c = Cluster(nodes=NODES, data_dir=data_dir, nbd_port=0)  # a free port: never a clash
     t0 = time.monotonic()
     try:
         c.start(timeout=240.0)
