@@ -211,6 +211,24 @@ _STREAM_MIN = 256  # payloads from this size are copied with non-temporal stores
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _header_length(log, pos, size, gen32, expected):  # type: ignore[no-untyped-def]
+    """The payload length of the record at `pos`, or -1 where the log ends.
+
+    It ends at a bad magic or version, another generation, a sequence gap, or a record that
+    would not fit in what is left of the log. (The checksum is the caller's: it may fuse it
+    with a copy.)
+    """
+    if _u32(log, pos) != _MAGIC or _u16(log, pos + 4) != _VERSION:
+        return np.int64(-1)
+    if _u32(log, pos + 8) != gen32 or _u64(log, pos + 16) != expected:
+        return np.int64(-1)
+    length = np.int64(_u32(log, pos + 12))
+    if (_HDR + length + _CRC + _ALIGN_MASK) & ~_ALIGN_MASK > size - pos:
+        return np.int64(-1)
+    return length
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _row_fits(off: int, length: int, src: int, dsize: int, lsize: int) -> bool:
     """A record's payload lies inside the log and its target inside the disk.
 
@@ -312,14 +330,10 @@ def scan(log, generation, base_seq):  # type: ignore[no-untyped-def]
     count = 0
     pos = np.int64(0)
     while size - pos >= _HDR + _CRC:
-        if _u32(log, pos) != _MAGIC or _u16(log, pos + 4) != _VERSION:
+        length = _header_length(log, pos, size, gen32, expected)
+        if length < 0:
             break
-        if _u32(log, pos + 8) != gen32 or _u64(log, pos + 16) != expected:
-            break
-        length = _u32(log, pos + 12)
         rsize = (_HDR + length + _CRC + _ALIGN_MASK) & ~_ALIGN_MASK
-        if rsize > size - pos:
-            break
         body_end = pos + _HDR + length
         if crc32c_kernel(log, pos, body_end, 0) != _u32(log, body_end):
             break
@@ -404,14 +418,10 @@ def scan_apply(log, generation, base_seq, luns, min_seqs, disks):  # type: ignor
     pend_src = np.int64(0)
     pend_len = np.int64(0)
     while size - pos >= _HDR + _CRC:
-        if _u32(log, pos) != _MAGIC or _u16(log, pos + 4) != _VERSION:
+        length = _header_length(log, pos, size, gen32, expected)
+        if length < 0:
             break
-        if _u32(log, pos + 8) != gen32 or _u64(log, pos + 16) != expected:
-            break
-        length = _u32(log, pos + 12)
         rsize = (_HDR + length + _CRC + _ALIGN_MASK) & ~_ALIGN_MASK
-        if rsize > size - pos:
-            break
         body_end = pos + _HDR + length
         if pend >= 0:
             crc = _copy_then_crc(log, pos, body_end, disks[pend], pend_off, pend_src, pend_len)
