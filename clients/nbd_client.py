@@ -22,18 +22,16 @@ from urllib.parse import urlparse
 from clients.block import Completion, Pending
 from vmemu.errors import BadRequest, Timeout, VmemuError
 
-NBDMAGIC = b"NBDMAGIC"
-IHAVEOPT = b"IHAVEOPT"
-OPT_REPLY_MAGIC = 0x3E889045565A9
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-OPT_GO = 7
-REP_ACK = 1
-REP_INFO = 3
-INFO_EXPORT = 0
-CMD = {"read": 0, "write": 1, "flush": 3}
-FLAG_FIXED_NEWSTYLE = 1
-FLAG_NO_ZEROES = 2
+# The wire constants live with the server's protocol machine: one declaration of the format.
+from domains.nbd_proto import (  # noqa: E402
+    CMD_DISC, CMD_FLUSH, CMD_READ, CMD_WRITE, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, INFO_EXPORT,
+    OPT_GO, OPT_REPLY_MAGIC, REP_ACK, REP_INFO, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
+)
+from domains.nbd_proto import IHAVEOPT as _IHAVEOPT, NBDMAGIC as _NBDMAGIC  # noqa: E402
+
+NBDMAGIC = struct.pack(">Q", _NBDMAGIC)
+IHAVEOPT = struct.pack(">Q", _IHAVEOPT)
+CMD = {"read": CMD_READ, "write": CMD_WRITE, "flush": CMD_FLUSH}
 _REQ = struct.Struct(">IHHQQI")
 _REPLY = struct.Struct(">IIQ")
 
@@ -231,7 +229,7 @@ class NbdClient:
         if self.sock is not None:
             try:
                 self.sock.setblocking(True)
-                self.sock.sendall(_REQ.pack(REQUEST_MAGIC, 0, 2, 0, 0, 0))  # NBD_CMD_DISC
+                self.sock.sendall(_REQ.pack(REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
             except OSError:
                 pass
             self.sock.close()
