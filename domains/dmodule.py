@@ -97,9 +97,9 @@ class DModule:
         self.disks = disks
         self.region = region
         self.region_id = region_id
-        self.log = NVLogWriter(region)
         self.ha_mode = ha_mode
         self.mirror = mirror  # domains.mirror.MirrorSender in --ha-mode mirror
+        self.log = NVLogWriter(region, track_spans=mirror is not None)
         self.served: dict[int, Served] = {}
         self.dedup = ExactlyOnce()
         self.emit = emit
@@ -185,9 +185,10 @@ class DModule:
         return info
 
     def _replicate(self) -> None:
-        spans = self.log.drain_spans()
-        if self.mirror is not None and spans:
-            self.mirror.send(spans)
+        if self.mirror is not None:
+            spans = self.log.drain_spans()
+            if spans:
+                self.mirror.send(spans)
 
     def _carry_dedup(self) -> None:
         limit = max(0, (self.log.capacity // 8 - F.record_size(0)) // 16)

@@ -55,8 +55,9 @@ def log_view(buf: mmap.mmap) -> np.ndarray:
 
 
 class NVLogWriter:
-    def __init__(self, buf: mmap.mmap) -> None:
+    def __init__(self, buf: mmap.mmap, track_spans: bool = False) -> None:
         self.buf = buf
+        self.track_spans = track_spans
         hdr = RegionHeader.read(buf)
         self.header = hdr
         self.capacity = hdr.capacity
@@ -102,7 +103,8 @@ class NVLogWriter:
         self.next_seq = seq + 1
         self.records += 1
         _U64.pack_into(self.buf, F.OFF_TAIL, self.tail)
-        self.spans.append((pos, pos + size))
+        if self.track_spans:
+            self.spans.append((pos, pos + size))
         return seq
 
     def reset(self) -> None:
@@ -118,7 +120,8 @@ class NVLogWriter:
         self.tail = 0
         self.records = 0
         _U64.pack_into(self.buf, F.OFF_TAIL, 0)
-        self.spans.append((0, F.REGION_STRUCT.size))
+        if self.track_spans:
+            self.spans.append((0, F.REGION_STRUCT.size))
 
     def drain_spans(self) -> list[tuple[int, int]]:
         spans, self.spans = self.spans, []
