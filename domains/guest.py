@@ -79,6 +79,7 @@ class Guest:
         self.monitor = FailoverMonitor(node, self.cfg.heartbeat_ms / 1000.0, self.ctx,
                                        info["control"], self._stats)
         self.next_cp = time.monotonic() + self.cfg.cp_interval_s
+        self.stalled_until = 0.0
 
     # -- NVRAM -------------------------------------------------------------------------------
     def _allocate_region(self) -> tuple[int, mmap.mmap, int]:
@@ -209,6 +210,12 @@ class Guest:
             return {}
         if req.op == "probe_write":
             return self._probe_write(codec.arg(req, "region", int))
+        if req.op == "stall":
+            # For tests and teaching: a main loop that stops turning while the heartbeat thread
+            # keeps beating (a deadlock, a livelock). Bounded, so a typo cannot wedge a domain.
+            seconds = min(max(float(req.args.get("seconds", 0)), 0.0), 60.0)
+            self.stalled_until = time.monotonic() + seconds
+            return {"stalling_s": seconds}
         if req.op == "shutdown":
             self.stop = True
             return {}
@@ -262,6 +269,9 @@ class Guest:
         self.monitor.start()
         while not self.stop:
             now = time.monotonic()
+            if now < self.stalled_until:
+                time.sleep(min(0.05, self.stalled_until - now))
+                continue
             self.monitor.loop_alive()
             poller = zmq.Poller()
             poller.register(self.control.sock, zmq.POLLIN)

@@ -26,6 +26,7 @@ class ClusterConfig:
     grant_mode: str = "ro"
     giveback_delay_s: float = 2.0  # negative: manual giveback only
     cp_interval_s: float = 5.0
+    stall_limit_s: float = 10.0  # a main loop silent this long is a failure, heartbeats or not
     ha_mode: str = "shm"  # shm: the patent; mirror: copy every record to the partner; none: no NVRAM
     nbd_addr_base: str = "127.0.10.0"  # node N serves NBD on base + N (127.0.10.N)
     nbd_port: int = 10809  # 0: the hypervisor picks a free port at boot (cluster.json has the real one)
@@ -53,6 +54,8 @@ class ClusterConfig:
             raise BadRequest("disks per node must be between 1 and 16")
         if not 1 <= self.disk_mb <= 1 << 20:
             raise BadRequest("disk size must be between 1 MiB and 1 TiB")
+        if self.stall_limit_s <= 0:
+            raise BadRequest("stall limit must be positive")
         if self.cp_interval_s <= 0:
             raise BadRequest("CP interval must be positive")
         if not 0 <= self.nbd_port <= 65535:

@@ -170,3 +170,18 @@ def test_four_nodes_in_pairs_each_partner_maps_the_other(make_cluster):
     c.crash("node3")
     c.wait_for(lambda s: s.node("node3")["identity_served_by"] == "node4", 20, "node4 takes node3")
     assert served_by(c, "node1") == "node1" and served_by(c, "node2") == "node2"
+
+
+def test_a_stalled_main_loop_is_failed_over_although_heartbeats_continue(make_cluster):
+    c = make_cluster(nodes=2, stall_limit_s=1.0)
+    with c.client("node1") as b:
+        b.write(0, 0, b"S" * 4096)
+    c.control.call("probe", {"node": "node1", "what": "stall", "seconds": 30})
+    c.wait_for(lambda s: s.node("node1")["identity_served_by"] == "node2", 20, "takeover of a stall")
+    evs = c.events()
+    stall = next(e for e in evs if e["kind"] == "main_loop_stalled")
+    assert stall["node"] == "node1" and stall["loop_age_ms"] > stall["limit_ms"]
+    assert not [e for e in evs if e["kind"] == "heartbeat_missed" and e["node"] == "node1"]
+    assert any(e["kind"] == "failure_detected" and e.get("reason") == "stalled" for e in evs)
+    with c.client("node1") as b:
+        assert b.read(0, 0, 4096) == b"S" * 4096

@@ -69,3 +69,11 @@ def test_overdue_lists_nodes_sorted_and_age_is_never_negative() -> None:
         m.watch(n, 0.0)
     assert m.overdue(1.0) == [1, 2, 3]
     assert m.age(1, -5.0) == 0.0
+
+
+def test_a_main_loop_silent_past_the_limit_is_stalled() -> None:
+    from vmemu.hypervisor.heartbeat import HeartbeatMonitor
+
+    m = HeartbeatMonitor(interval=0.1, misses=5)
+    assert not m.stalled(9.9, 10.0)
+    assert m.stalled(10.1, 10.0)

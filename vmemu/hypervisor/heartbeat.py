@@ -38,5 +38,10 @@ class HeartbeatMonitor:
         t = self.last.get(node)
         return None if t is None else max(0.0, now - t)
 
+    def stalled(self, loop_age_s: float, stall_limit_s: float) -> bool:
+        """A domain whose heartbeat thread lives but whose main loop has not turned for longer
+        than the limit serves nobody: it is as failed as a silent one."""
+        return loop_age_s > stall_limit_s
+
     def overdue(self, now: float) -> list[int]:
         return sorted(n for n, t in self.last.items() if now - t > self.limit)

@@ -346,6 +346,12 @@ class Hypervisor:
             if self.sup.children.get(node) and self.sup.children[node].pid == req.args.get("pid"):
                 self.monitor.beat(node, now)
                 self.stats[node] = dict(req.args.get("stats") or {}, at=now)
+                loop_age = float(self.stats[node].get("loop_age_ms") or 0) / 1000.0
+                if (self.monitor.stalled(loop_age, self.cfg.stall_limit_s)
+                        and self.coord.alive(node) and not self.coord.shutting_down):
+                    self.events.emit("main_loop_stalled", node, loop_age_ms=round(loop_age * 1000, 1),
+                                     limit_ms=round(self.cfg.stall_limit_s * 1000, 1))
+                    self._fail(node, "stalled")
             return None
         if op == "event":
             return self._guest_event(req)
@@ -412,8 +418,10 @@ class Hypervisor:
             op, args = "probe_write", {"region": region}
         elif what == "map":
             op, args = "map", {"region": codec.arg(req, "region", int), "owner": 0}
+        elif what == "stall":
+            op, args = "stall", {"seconds": float(codec.arg(req, "seconds", (int, float)))}
         else:
-            raise BadRequest(f"unknown probe {what!r}; choose write_partner or map")
+            raise BadRequest(f"unknown probe {what!r}; choose write_partner, map or stall")
 
         def done(res: Any, err: VmemuError | None) -> None:
             if err is not None:
