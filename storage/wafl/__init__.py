@@ -17,6 +17,18 @@ Design (see ``layout.py`` for the byte-level format):
   as of that CP). A snapshot's block map is the block map file *as of the snapshot* (read through
   the snapshot's own inode file), so no extra bookkeeping: a block is free only when it is clear
   in the active map and in every snapshot's map. Snapshot create/delete are CPs.
+* Batched CPs: when the device offers ``write_block_array`` or ``write_blocks`` (a RAID group
+  through ``storage.raid.blockdev.RaidBlockDevice``), a CP stages every block once and hands
+  the device one batch; with ``crash_after_writes`` armed it writes block by block instead, so
+  the crash point stays exact. ``dirty_blocks`` says how much the next CP has to write.
+* Stripe-aligned allocation: with ``dev.stripe_blocks`` > 1 (RAID-4: the data disks), a CP
+  takes whole free stripes first and pads its last partly used one with zero blocks that stay
+  free, so its writes are full-stripe writes over stripes holding no live block; the rest of
+  the fsinfo blocks' stripe is never allocated. That closes the RAID-4 write hole for CP
+  writes: a crash between data and parity leaves stale parity only where nothing committed
+  points, so even a disk lost before the post-crash scrub costs no committed data. Only when
+  no whole free stripe is left does a CP fall back to free blocks in partly live stripes
+  (read-modify-write, exposed to the hole until a scrub).
 * Fault injection: ``fs.crash_after_writes = k`` raises ``WaflCrash`` after the k-th block write
   of the next CP; the in-memory fs is then dead, remount from the device.
 """
