@@ -29,6 +29,16 @@ Two variants of the second half:
   write (dropping rows a later row of the same (offset, length) overwrites entirely);
   ``write_plan`` writes them in seq order, runs of disk-adjacent rows as one pwritev.
 
+Compressed records (FLAG_LZ4, see nvlog_format): ``scan`` walks and verifies them on
+their stored bytes like any other and indexes them (IDX_FLAGS, IDX_STORED); the numba
+kernels never decompress. ``apply`` and ``replay_region`` hand a LUN that has compressed
+rows to ``apply_py``, which applies *all* of that LUN's rows in log order in Python (lz4
+decompresses in C): redoing the raw rows too is what keeps "later record wins" without
+interleaving kernel and Python writes. ``plan`` checks that the compressed rows decompress
+(one that does not is bad, and must not supersede an earlier row) and keeps them in its
+seq-ordered rows; ``write_plan`` decompresses them into its pwritev runs. A log without
+compressed rows takes exactly the kernels' path, plus one flag test per row.
+
 The kernels are numba kernels (``nogil``: a domain can replay while its bus thread keeps
 heartbeating) and accept read-only arrays, because the partner maps the region with
 PROT_READ (a read-only grant has no writeable view).
@@ -64,22 +74,28 @@ from storage.checksum import (
 from storage.nvlog_format import (
     CRC_SIZE,
     IDX_CLIENT,
+    FLAG_LZ4,
     IDX_COLUMNS,
+    IDX_FLAGS,
     IDX_LENGTH,
     IDX_LUN,
     IDX_OFFSET,
     IDX_POS,
     IDX_REQUEST,
     IDX_SEQ,
+    IDX_STORED,
     RECORD_HEADER,
     RECORD_MAGIC,
     RECORD_VERSION,
+    RECORD_VERSION_V1,
     record_size,
 )
+from storage.nvlog import BadRecord, record_payload
 
 __all__ = [
     "ReplayResult",
     "apply",
+    "apply_py",
     "plan",
     "replay_region",
     "scan",
@@ -97,6 +113,8 @@ _HDR = RECORD_HEADER
 _CRC = CRC_SIZE
 _MAGIC = RECORD_MAGIC
 _VERSION = RECORD_VERSION
+_VERSION_V1 = RECORD_VERSION_V1
+_LZ4 = FLAG_LZ4
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -211,21 +229,46 @@ _STREAM_MIN = 256  # payloads from this size are copied with non-temporal stores
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _header_length(log, pos, size, gen32, expected):  # type: ignore[no-untyped-def]
-    """The payload length of the record at `pos`, or -1 where the log ends.
+def _header_sizes(log, pos, size, gen32, expected):  # type: ignore[no-untyped-def]
+    """(length, stored, flags) of the record at `pos`; stored is -1 where the log ends.
 
-    It ends at a bad magic or version, another generation, a sequence gap, or a record that
-    would not fit in what is left of the log. (The checksum is the caller's: it may fuse it
-    with a copy.)
+    `length` is the logical payload size (the disk range), `stored` the payload bytes in
+    the log (they differ only with FLAG_LZ4). The log ends at a bad magic or version,
+    another generation, a sequence gap, a stored size that contradicts the flags, or a
+    record that would not fit in what is left of the log. (The checksum is the caller's:
+    it may fuse it with a copy.)
     """
-    if _u32(log, pos) != _MAGIC or _u16(log, pos + 4) != _VERSION:
-        return np.int64(-1)
+    end = (np.int64(0), np.int64(-1), np.int64(0))
+    if _u32(log, pos) != _MAGIC:
+        return end
     if _u32(log, pos + 8) != gen32 or _u64(log, pos + 16) != expected:
-        return np.int64(-1)
+        return end
+    version = _u16(log, pos + 4)
+    flags = _u16(log, pos + 6)
     length = np.int64(_u32(log, pos + 12))
-    if (_HDR + length + _CRC + _ALIGN_MASK) & ~_ALIGN_MASK > size - pos:
-        return np.int64(-1)
-    return length
+    if version == _VERSION:
+        stored = np.int64(_u32(log, pos + 28))
+        if stored != length and not flags & _LZ4:
+            return end
+    elif version == _VERSION_V1 and not flags & _LZ4:
+        stored = length  # v1: the field was pad; payloads were never compressed
+    else:
+        return end
+    if (_HDR + stored + _CRC + _ALIGN_MASK) & ~_ALIGN_MASK > size - pos:
+        return end
+    return (length, stored, flags)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _disk_fits(off: int, length: int, dsize: int) -> bool:
+    """[off, off + length) lies in a `dsize`-byte disk (subtractions: no int64 overflow)."""
+    return not (off < 0 or length < 0 or length > dsize or off > dsize - length)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _log_fits(src: int, n: int, lsize: int) -> bool:
+    """A payload of `n` bytes at `src` lies in the log, after a record header."""
+    return not (n < 0 or n > lsize or src < _HDR or src > lsize - n)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -330,11 +373,11 @@ def scan(log, generation, base_seq):  # type: ignore[no-untyped-def]
     count = 0
     pos = np.int64(0)
     while size - pos >= _HDR + _CRC:
-        length = _header_length(log, pos, size, gen32, expected)
-        if length < 0:
+        length, stored, flags = _header_sizes(log, pos, size, gen32, expected)
+        if stored < 0:
             break
-        rsize = (_HDR + length + _CRC + _ALIGN_MASK) & ~_ALIGN_MASK
-        body_end = pos + _HDR + length
+        rsize = (_HDR + stored + _CRC + _ALIGN_MASK) & ~_ALIGN_MASK
+        body_end = pos + _HDR + stored
         if crc32c_kernel(log, pos, body_end, 0) != _u32(log, body_end):
             break
         if count == index.shape[0]:
@@ -349,6 +392,8 @@ def scan(log, generation, base_seq):  # type: ignore[no-untyped-def]
         row[IDX_LENGTH] = length
         row[IDX_CLIENT] = _u64(log, pos + 40)
         row[IDX_REQUEST] = _u64(log, pos + 48)
+        row[IDX_FLAGS] = flags
+        row[IDX_STORED] = stored
         count += 1
         expected += 1
         pos += rsize
@@ -356,22 +401,24 @@ def scan(log, generation, base_seq):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True)
-def apply(log, index, count, lun, min_seq, disk):  # type: ignore[no-untyped-def]
-    """Copy payloads of `lun`'s records with seq > min_seq onto `disk`, in log order.
+def _apply_kernel(log, index, count, lun, min_seq, disk):  # type: ignore[no-untyped-def]
+    """``apply`` for raw rows: (records, bytes, bad, lz4), compressed rows left out.
 
-    Returns (records, bytes, bad). A row that would write outside `disk` (or read
-    outside `log`: the index may come from anywhere) is skipped and counted bad, never
-    clipped: half a write on disk is worse than a reported error. `disk` must be a
-    writable C-contiguous uint8 array (anything else is refused when numba types it).
+    `lz4` counts the compressed rows it left out; when it is not 0 the caller redoes the
+    LUN with ``apply_py`` (which needs every row, in order, to keep later-wins).
     """
     count = min(count, index.shape[0])  # never read past the index either
     records = 0
     nbytes = 0
     bad = 0
+    lz4 = 0
     dsize = disk.size
     lsize = log.size
     for r in range(count):
         if index[r, IDX_LUN] != lun or index[r, IDX_SEQ] <= min_seq:
+            continue
+        if index[r, IDX_FLAGS] & _LZ4:
+            lz4 += 1
             continue
         off = index[r, IDX_OFFSET]
         length = index[r, IDX_LENGTH]
@@ -382,6 +429,79 @@ def apply(log, index, count, lun, min_seq, disk):  # type: ignore[no-untyped-def
         _copy_bytes(disk, off, log, src, length)
         records += 1
         nbytes += length
+    return records, nbytes, bad, lz4
+
+
+def _fits(off: int, length: int, dsize: int) -> bool:
+    return 0 <= off and 0 <= length <= dsize and off <= dsize - length
+
+
+def apply_py(
+    log: np.ndarray, index: np.ndarray, count: int, lun: int, min_seq: int, disk: np.ndarray
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """``apply`` in Python for a LUN with compressed rows: every row, in log order.
+
+    Returns ``((records, bytes, bad), (lz4_records, lz4_bytes, lz4_bad))``: the totals, and
+    the share of the compressed rows (``replay_region`` adds only that share to what the
+    fused kernel counted for the raw ones). Bad rows (outside the disk or the log, or a
+    compressed payload that does not decompress to its length) are skipped and counted.
+    """
+    rs = index[: min(count, index.shape[0])]
+    rows = rs[(rs[:, IDX_LUN] == lun) & (rs[:, IDX_SEQ] > min_seq)].tolist()  # ints, not numpy
+    dsize = disk.size
+    lsize = log.size
+    # Plain byte copies through memoryviews where the arrays allow (most of the per-row cost
+    # here is Python overhead; numpy slicing per row doubled it); numpy otherwise.
+    fast = disk.dtype == np.uint8 and disk.flags.c_contiguous and log.flags.c_contiguous
+    dmv = memoryview(disk) if fast else None
+    lmv = memoryview(log) if fast else None
+    tot = [0, 0, 0]
+    lz = [0, 0, 0]
+    for row in rows:
+        off = row[IDX_OFFSET]
+        length = row[IDX_LENGTH]
+        compressed = bool(row[IDX_FLAGS] & _LZ4)
+        data: bytes | memoryview | np.ndarray | None = None
+        if _fits(off, length, dsize):
+            if compressed:
+                try:
+                    data = record_payload(log, row)
+                except BadRecord:
+                    data = None
+            else:
+                src = row[IDX_POS] + _HDR
+                if _HDR <= src <= lsize - length:
+                    data = lmv[src : src + length] if lmv is not None else log[src : src + length]
+        share = (tot, lz) if compressed else (tot,)
+        if data is None:
+            for t in share:
+                t[2] += 1
+            continue
+        if dmv is not None:
+            dmv[off : off + length] = data
+        else:
+            disk[off : off + length] = np.frombuffer(data, np.uint8)
+        for t in share:
+            t[0] += 1
+            t[1] += length
+    return (tot[0], tot[1], tot[2]), (lz[0], lz[1], lz[2])
+
+
+def apply(
+    log: np.ndarray, index: np.ndarray, count: int, lun: int, min_seq: int, disk: np.ndarray
+) -> tuple[int, int, int]:
+    """Copy payloads of `lun`'s records with seq > min_seq onto `disk`, in log order.
+
+    Returns (records, bytes, bad). A row that would write outside `disk` (or read
+    outside `log`: the index may come from anywhere) is skipped and counted bad, never
+    clipped: half a write on disk is worse than a reported error. `disk` must be a
+    writable C-contiguous uint8 array (anything else is refused when numba types it).
+    A compressed row that does not decompress to its length is bad too. If the LUN has
+    compressed rows the whole LUN is redone by ``apply_py``, in order (see module doc).
+    """
+    records, nbytes, bad, lz4 = _apply_kernel(log, index, count, lun, min_seq, disk)
+    if lz4:
+        (records, nbytes, bad), _ = apply_py(log, index, count, lun, min_seq, disk)
     return records, nbytes, bad
 
 
@@ -392,7 +512,9 @@ def scan_apply(log, generation, base_seq, luns, min_seqs, disks):  # type: ignor
     `disks` is a non-empty tuple of writable C-contiguous uint8 arrays (a tuple: free to
     build, where a numba typed List costs ~0.5 s of compilation in every process); the
     record of LUN ``luns[j]`` goes to ``disks[j]`` if its seq is above ``min_seqs[j]``.
-    Records of other LUNs are verified and indexed only. Returns
+    Records of other LUNs are verified and indexed only, and so are compressed records
+    (FLAG_LZ4) of any LUN: they are not applied nor counted here; ``replay_region``
+    finishes their LUNs with ``apply_py``. Returns
     ``(index, count, end_pos, records, bytes, bad)``: the first three as ``scan``, the
     rest as the sum of ``apply`` over the LUNs (out-of-bounds records counted bad, never
     clipped). A LUN listed twice uses its first entry.
@@ -418,11 +540,11 @@ def scan_apply(log, generation, base_seq, luns, min_seqs, disks):  # type: ignor
     pend_src = np.int64(0)
     pend_len = np.int64(0)
     while size - pos >= _HDR + _CRC:
-        length = _header_length(log, pos, size, gen32, expected)
-        if length < 0:
+        length, stored, flags = _header_sizes(log, pos, size, gen32, expected)
+        if stored < 0:
             break
-        rsize = (_HDR + length + _CRC + _ALIGN_MASK) & ~_ALIGN_MASK
-        body_end = pos + _HDR + length
+        rsize = (_HDR + stored + _CRC + _ALIGN_MASK) & ~_ALIGN_MASK
+        body_end = pos + _HDR + stored
         if pend >= 0:
             crc = _copy_then_crc(log, pos, body_end, disks[pend], pend_off, pend_src, pend_len)
             pend = -1
@@ -444,10 +566,12 @@ def scan_apply(log, generation, base_seq, luns, min_seqs, disks):  # type: ignor
         row[IDX_LENGTH] = length
         row[IDX_CLIENT] = _u64(log, pos + 40)
         row[IDX_REQUEST] = _u64(log, pos + 48)
+        row[IDX_FLAGS] = flags
+        row[IDX_STORED] = stored
         for j in range(nd):
             if luns[j] != lun:
                 continue
-            if expected > min_seqs[j]:
+            if expected > min_seqs[j] and not flags & _LZ4:
                 dsize = disks[j].size
                 # The payload is inside the log (rsize fit); only the disk side can be off.
                 if off < 0 or length > dsize or off > dsize - length:
@@ -475,29 +599,33 @@ _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 
 
 @njit(cache=True, nogil=True)
-def plan(log, index, count, lun, min_seq, disk_size):  # type: ignore[no-untyped-def]
-    """The rows of `lun` with seq > min_seq that a replay must write, in seq order.
-
-    Returns ``(rows, bad)``. Rows that would write outside ``[0, disk_size)`` or read
-    outside `log` are left out and counted in `bad` (as ``apply`` skips them). Left out
-    too, not counted: rows with an empty payload (they write nothing) and rows fully
-    superseded by a later row with the same (offset, length), whose write covers every
-    byte of theirs. Writing ``rows`` in order leaves the disk as ``apply`` does.
-    """
+def _plan_kernel(log, index, count, lun, min_seq, disk_size, skip):  # type: ignore[no-untyped-def]
+    """``plan``, plus: rows r with ``skip[r]`` (r < skip.size) are bad; and the number of
+    compressed rows in range, which the caller must check decompress."""
     count = min(count, index.shape[0])
     lsize = log.size
     cand = np.empty(count, dtype=np.int64)
     nc = 0
     bad = 0
+    lz4 = 0
     for r in range(count):
         if index[r, IDX_LUN] != lun or index[r, IDX_SEQ] <= min_seq:
             continue
         off = index[r, IDX_OFFSET]
         length = index[r, IDX_LENGTH]
         src = index[r, IDX_POS] + _HDR
-        if not _row_fits(off, length, src, disk_size, lsize):
+        compressed = index[r, IDX_FLAGS] & _LZ4
+        if compressed:
+            # The disk takes `length` bytes, the log holds `stored`: check each its own.
+            fits = _disk_fits(off, length, disk_size) and \
+                _log_fits(src, index[r, IDX_STORED], lsize)
+        else:
+            fits = _row_fits(off, length, src, disk_size, lsize)
+        if not fits or (r < skip.size and skip[r]):
             bad += 1
             continue
+        if compressed:
+            lz4 += 1  # even if empty: it must still decompress (to nothing)
         if length > 0:
             cand[nc] = r
             nc += 1
@@ -533,7 +661,43 @@ def plan(log, index, count, lun, min_seq, disk_size):  # type: ignore[no-untyped
         if keep[k]:
             rows[n] = cand[k]
             n += 1
-    return rows, bad
+    return rows, bad, lz4
+
+
+_NO_SKIP = np.zeros(0, dtype=np.bool_)  # writable, as every skip array: one specialisation
+
+
+def plan(
+    log: np.ndarray, index: np.ndarray, count: int, lun: int, min_seq: int, disk_size: int
+) -> tuple[np.ndarray, int]:
+    """The rows of `lun` with seq > min_seq that a replay must write, in seq order.
+
+    Returns ``(rows, bad)``. Rows that would write outside ``[0, disk_size)`` or read
+    outside `log` are left out and counted in `bad` (as ``apply`` skips them). Left out
+    too, not counted: rows with an empty payload (they write nothing) and rows fully
+    superseded by a later row with the same (offset, length), whose write covers every
+    byte of theirs. Writing ``rows`` in order leaves the disk as ``apply`` does.
+
+    Compressed rows are planned like raw ones once each is known to decompress: one that
+    does not is bad, and is checked *before* superseding (a bad row must not hide an
+    earlier good one of the same range), at the cost of decompressing it here and again in
+    ``write_plan``.
+    """
+    rows, bad, lz4 = _plan_kernel(log, index, count, lun, min_seq, disk_size, _NO_SKIP)
+    if not lz4:
+        return rows, bad
+    rs = index[: min(count, index.shape[0])]
+    cand = np.flatnonzero((rs[:, IDX_LUN] == lun) & (rs[:, IDX_SEQ] > min_seq)
+                          & (rs[:, IDX_FLAGS] & _LZ4 != 0))
+    skip = np.zeros(rs.shape[0], dtype=np.bool_)
+    for r in cand.tolist():
+        try:
+            record_payload(log, rs[r])
+        except BadRecord:
+            skip[r] = True
+    if skip.any():
+        rows, bad, _ = _plan_kernel(log, index, count, lun, min_seq, disk_size, skip)
+    return rows, int(bad)
 
 
 _MAX_IOV = 64  # rows per pwritev
@@ -570,16 +734,24 @@ def write_plan(
     srcs = (index[rows, IDX_POS] + _HDR).tolist()
     offs = index[rows, IDX_OFFSET].tolist()
     lens = index[rows, IDX_LENGTH].tolist()
+    # Compressed rows, decompressed up front (position in `rows` -> logical payload); a
+    # planned row always decompresses, one from elsewhere may not: refused like a bad range.
+    decoded: dict[int, memoryview] = {}
+    for k in np.flatnonzero(index[rows, IDX_FLAGS] & _LZ4).tolist():
+        try:
+            decoded[k] = memoryview(record_payload(log, index[rows[k]]))
+        except BadRecord as e:
+            raise ValueError(f"replay row {int(rows[k])}: {e}") from None
     n = len(offs)
     nbytes = calls = 0
     i = 0
     while i < n:
         start = offs[i]
         end = start + lens[i]
-        bufs = [mv[srcs[i] : srcs[i] + lens[i]]]
+        bufs = [decoded[i] if decoded and i in decoded else mv[srcs[i] : srcs[i] + lens[i]]]
         i += 1
         while i < n and offs[i] == end and len(bufs) < _MAX_IOV and end - start + lens[i] <= _MAX_RUN:
-            bufs.append(mv[srcs[i] : srcs[i] + lens[i]])
+            bufs.append(decoded[i] if decoded and i in decoded else mv[srcs[i] : srcs[i] + lens[i]])
             end += lens[i]
             i += 1
         if start < 0 or end > disk_size:
@@ -621,14 +793,26 @@ def replay_region(
     A LUN missing from `min_seqs` gets every record (min_seq -1). Records of LUNs not in
     `luns_to_disks` are scanned (they bound the valid log) but not applied. Disks that
     cannot share one tuple type go through ``scan`` + ``apply`` (which refuses read-only
-    or strided disks when numba types them).
+    or strided disks when numba types them). A LUN with compressed records in the log is
+    finished by ``apply_py`` after the fused pass (see the module doc).
     """
     disks = list(luns_to_disks.values())
     if disks and _fusable(disks):
         luns = np.fromiter(luns_to_disks, dtype=np.int64, count=len(disks))
         mins = np.array([min_seqs.get(l, -1) for l in luns_to_disks], dtype=np.int64)
-        _, count, end_pos, records, nbytes, bad = scan_apply(
+        index, count, end_pos, records, nbytes, bad = scan_apply(
             log, generation, base_seq, luns, mins, tuple(disks))
+        lz4 = index[:count][index[:count, IDX_FLAGS] & _LZ4 != 0]
+        if lz4.size:
+            for lun, disk in luns_to_disks.items():
+                m = min_seqs.get(lun, -1)
+                if np.any((lz4[:, IDX_LUN] == lun) & (lz4[:, IDX_SEQ] > m)):
+                    # The kernel applied and counted this LUN's raw rows: redo all of them
+                    # in order, add only what the compressed rows add.
+                    _, (r, b, x) = apply_py(log, index, count, lun, m, disk)
+                    records += r
+                    nbytes += b
+                    bad += x
     else:
         index, count, end_pos = scan(log, generation, base_seq)
         records = nbytes = bad = 0
@@ -661,4 +845,4 @@ def warm() -> None:
     for log in (writable, readonly):
         index, count, _ = scan(log, 1, 0)
         apply(log, index, count, 0, -1, disk)
-        plan(log, index, count, 0, -1, disk.size)
+        plan(log, index, count, 0, -1, disk.size)  # the kernel in its one (_NO_SKIP) type

@@ -73,6 +73,7 @@ def test_appended_records_are_exactly_what_scan_finds_with_every_column(fds: Fds
         assert row[F.IDX_LENGTH] == len(data)
         assert row[F.IDX_CLIENT] == client
         assert row[F.IDX_REQUEST] == req
+        assert row[F.IDX_FLAGS] == F.FLAG_WRITE and row[F.IDX_STORED] == len(data)  # raw
         body = pos + F.RECORD_HEADER
         assert log[body:body + len(data)].tobytes() == data
         pos += F.record_size(len(data))

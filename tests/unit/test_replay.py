@@ -19,12 +19,14 @@ from storage import replay, replay_ref
 from storage.nvlog_format import (
     IDX_CLIENT,
     IDX_COLUMNS,
+    IDX_FLAGS,
     IDX_LENGTH,
     IDX_LUN,
     IDX_OFFSET,
     IDX_POS,
     IDX_REQUEST,
     IDX_SEQ,
+    IDX_STORED,
     RECORD_HEADER,
     lun_gid,
     record_size,
@@ -312,6 +314,7 @@ def test_index_columns_and_large_u64_fields() -> None:
     assert row[IDX_POS] == 0 and row[IDX_SEQ] == BASE and row[IDX_LUN] == LUNS[2]
     assert row[IDX_OFFSET] == 5 and row[IDX_LENGTH] == 3
     assert row[IDX_CLIENT] == -2 and row[IDX_REQUEST] == -(2**63)
+    assert row[IDX_FLAGS] == 0 and row[IDX_STORED] == 3  # raw: stored is the length
     assert index[1, IDX_POS] == record_size(3) and index[1, IDX_SEQ] == BASE + 1
     run_both(log)
 
