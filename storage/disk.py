@@ -17,19 +17,31 @@ every write batch checks it through a shared mapping of the header page, so a st
 (resumed after SIGSTOP, say) gets `Fenced` instead of scribbling over its successor's data.
 `applied` makes replay idempotent across several logs: a record is applied only if its seq is
 above what this disk already holds from that region.
+
+A disk may also be a block device: with `--disk-backend loop` the whole image is attached to a
+/dev/loopN (storage.loopdev), so the header is at offset 0 of the device and everything above
+works unchanged on it. `open_path` gives the path to open. While an image is attached all I/O
+must go through the device (it has its own page cache), so `Disk.open` and `stamp_epoch` given
+the image of an attached disk redirect to its device. On a block device, data reads and writes
+that are whole 4 KiB pages use a second, O_DIRECT descriptor (no second copy in the device's
+page cache); everything else -- the header, unaligned I/O, the replay's pwrites on `fd`, the
+`data_array` mapping -- goes through the page cache, which the kernel keeps coherent with
+direct I/O (a direct write flushes and invalidates the cached pages of its range).
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from pathlib import Path
 
 import msgpack
 import numpy as np
 
-from vmemu.errors import Fenced, OutOfRange
+from storage import loopdev
+from vmemu.errors import Fenced, InvalidState, OutOfRange
 
 MAGIC = b"VMDISK01"
 VERSION = 1
@@ -37,12 +49,15 @@ HEADER = 4096
 _HDR = struct.Struct("<8sIIIIQQI")
 OFF_EPOCH = 32
 MAX_APPLIED = 16
+DIRECT_ALIGN = 4096  # O_DIRECT offset/length/buffer alignment we use (>= any logical block)
 
 
 class Disk:
-    def __init__(self, path: Path, fd: int, header: mmap.mmap, epoch: int) -> None:
+    def __init__(self, path: Path, fd: int, header: mmap.mmap, epoch: int,
+                 direct_fd: int | None = None) -> None:
         self.path = path
-        self.fd = fd
+        self.fd = fd  # buffered: header, unaligned I/O, replay pwrites
+        self.direct_fd = direct_fd  # O_DIRECT on a block device, for page-aligned data I/O
         self._hdr = header
         magic, version, node, disk, _, size, _, _ = _HDR.unpack_from(header, 0)
         if magic != MAGIC or version != VERSION:
@@ -65,20 +80,38 @@ class Disk:
             os.fsync(f.fileno())
 
     @classmethod
-    def open(cls, path: Path, epoch: int) -> "Disk":
-        """Open for service at `epoch`, which the hypervisor has already stamped in the header."""
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    def open(cls, path: Path, epoch: int, *, direct: bool = True) -> "Disk":
+        """Open for service at `epoch`, which the hypervisor has already stamped in the header.
+
+        `path` is an image or a block device (a loop device with the whole image attached); an
+        image that is attached is opened through its device. `direct` enables O_DIRECT for
+        page-aligned data I/O on a block device (ignored for files).
+        """
+        path, fd = _open_rw(Path(path))
+        fds = [fd]
         try:
+            block = stat.S_ISBLK(os.fstat(fd).st_mode)
             hdr = mmap.mmap(fd, HEADER, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except OSError:
+        except BaseException:
             os.close(fd)
             raise
         try:
             disk = cls(path, fd, hdr, epoch)
+            if block:
+                end = os.lseek(fd, 0, os.SEEK_END)
+                if end < HEADER + disk.size:
+                    raise InvalidState(f"{path} holds {end} bytes, less than its "
+                                       f"{HEADER + disk.size}-byte disk: attached to a "
+                                       "truncated image?")
+                if direct:
+                    disk.direct_fd = _open_direct(path)
+                    if disk.direct_fd is not None:
+                        fds.append(disk.direct_fd)
             disk.check_epoch()
         except BaseException:
             hdr.close()
-            os.close(fd)
+            for f in fds:
+                os.close(f)
             raise
         return disk
 
@@ -88,6 +121,9 @@ class Disk:
             del self._data
             self._data = None
         self._hdr.close()
+        if self.direct_fd is not None:
+            os.close(self.direct_fd)
+            self.direct_fd = None
         os.close(self.fd)
 
     # -- fencing ---------------------------------------------------------------------------
@@ -105,13 +141,27 @@ class Disk:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise OutOfRange(f"range {offset}+{length} is past the end of a {self.size}-byte disk")
 
+    def _direct(self, offset: int, length: int) -> int | None:
+        """The O_DIRECT descriptor if this I/O may use it (whole 4 KiB pages), else None."""
+        # HEADER is a multiple of DIRECT_ALIGN, so an aligned data offset is aligned on the device.
+        if length > 0 and offset % DIRECT_ALIGN == 0 and length % DIRECT_ALIGN == 0:
+            return self.direct_fd
+        return None
+
     def read(self, offset: int, length: int) -> bytes:
         self.check_range(offset, length)
+        dfd = self._direct(offset, length)
+        if dfd is not None:
+            return _pread_direct(dfd, length, HEADER + offset)
         return os.pread(self.fd, length, HEADER + offset)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         self.check_range(offset, len(data))
         self.check_epoch()
+        dfd = self._direct(offset, len(data))
+        if dfd is not None:
+            _pwrite_direct(dfd, data, HEADER + offset)
+            return
         os.pwrite(self.fd, data, HEADER + offset)
 
     def data_array(self) -> np.ndarray:
@@ -149,8 +199,10 @@ def stamp_epoch(path: Path) -> int:
 
     Done by the hypervisor (which owns the storage adapter in the patent) before it hands the
     disk to anyone; a write by a holder of an older epoch fails its check from then on.
+    `path` is an image or a block device; an attached image is stamped through its device,
+    where the holders' header mappings live.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    _, fd = _open_rw(Path(path))
     try:
         raw = os.pread(fd, 8, OFF_EPOCH)
         epoch = struct.unpack("<Q", raw)[0] + 1
@@ -162,4 +214,78 @@ def stamp_epoch(path: Path) -> int:
 
 
 def disk_path(data_dir: Path, node_index: int, disk_index: int) -> Path:
+    """The disk's image file (what gets created, and what a loop device is attached to)."""
     return data_dir / f"node{node_index}" / f"disk{disk_index}.img"
+
+
+def open_path(data_dir: Path, node_index: int, disk_index: int) -> Path:
+    """The path to open the disk at: its loop device if the image is attached now, else the image.
+
+    Asks the kernel (storage.loopdev.resolve: the device bound to this very inode), not a
+    record, so it is right after crashes and reused device numbers.
+    """
+    return loopdev.resolve(disk_path(data_dir, node_index, disk_index))
+
+
+def _open_rw(path: Path) -> tuple[Path, int]:
+    """Open a disk read-write, through its loop device if the image is attached.
+
+    A descriptor on a device pins it (a detach is deferred until it closes), so checking the
+    device's backing file *after* opening cannot be raced by a detach and a reuse.
+    """
+    target = loopdev.resolve(path)
+    fd = os.open(target, os.O_RDWR | os.O_CLOEXEC)
+    if target != path:
+        try:
+            loopdev.verify_fd(fd, path, str(target))
+        except BaseException:
+            os.close(fd)
+            raise
+    return target, fd
+
+
+def _open_direct(path: Path) -> int | None:
+    """A second, O_DIRECT descriptor on a block device; None where O_DIRECT is refused."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_DIRECT)
+    except OSError:
+        return None
+
+
+def _aligned(length: int) -> mmap.mmap:
+    # Anonymous mappings are page aligned, as O_DIRECT wants its buffers.
+    return mmap.mmap(-1, length, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+def _pread_direct(fd: int, length: int, pos: int) -> bytes:
+    buf = _aligned(length)
+    try:
+        view = memoryview(buf)
+        try:
+            done = 0
+            while done < length:
+                n = os.preadv(fd, [view[done:]], pos + done)
+                if n == 0:
+                    break  # end of device; the range check makes this unreachable
+                done += n
+        finally:
+            view.release()
+        return buf[:done]
+    finally:
+        buf.close()
+
+
+def _pwrite_direct(fd: int, data: bytes | memoryview, pos: int) -> None:
+    length = len(data)
+    buf = _aligned(length)
+    try:
+        buf[:] = data
+        view = memoryview(buf)
+        try:
+            done = 0
+            while done < length:
+                done += os.pwrite(fd, view[done:], pos + done)
+        finally:
+            view.release()
+    finally:
+        buf.close()

@@ -241,3 +241,22 @@ def test_bad_alignment_length_or_offset_is_refused_and_changes_nothing(
         lun.read(offset, length)
     assert list(lun.dirty) == [0] and lun.read(0, 512) == b"\x07" * 512
     assert disk.read(0, BLOCK) == bytes(BLOCK)
+
+
+# -- path resolution and the block-device options, on plain files -----------------------------
+def test_open_path_of_an_unattached_disk_is_its_image(path: Path, tmp_path: Path) -> None:
+    assert disk_mod.open_path(tmp_path, 1, 0) == path
+    assert disk_mod.open_path(tmp_path, 9, 9) == disk_path(tmp_path, 9, 9)  # missing: as is
+
+
+def test_a_file_disk_never_uses_o_direct_and_stamps_in_place(path: Path) -> None:
+    d = Disk.open(path, 0, direct=True)
+    try:
+        assert d.direct_fd is None and d.path == path
+        d.write(0, pattern(8192))
+        assert d.read(0, 8192) == pattern(8192)
+        assert stamp_epoch(path) == 1
+        assert d.current_epoch() == 1
+    finally:
+        d.close()
+    assert fds_open_on(path) == []
