@@ -84,7 +84,15 @@ _BY_CODE: dict[str, type[VmemuError]] = {
 def from_wire(err: dict) -> VmemuError:
     """Rebuild a typed error from its wire form; unknown codes keep their code and text."""
     code = str(err.get("code", "error"))
-    cls = _BY_CODE.get(code, VmemuError)
+    cls = _BY_CODE.get(code) or _rdb_codes().get(code, VmemuError)
     exc = cls(str(err.get("message", "unknown error")))
     exc.code = code
     return exc
+
+
+def _rdb_codes() -> dict[str, type[VmemuError]]:
+    """The RDB's error codes (vmemu.rdb.errors). Imported on first use, not at the top:
+    those classes subclass the ones above, so importing them here eagerly would be circular."""
+    from vmemu.rdb.errors import BY_CODE
+
+    return BY_CODE

@@ -6,12 +6,13 @@ N replicas in one process for tests. See `sequencer.py` for the design rules.
 """
 
 from vmemu.rdb.errors import (
-    AlreadyExists, LogDiverged, NotEmpty, SequenceGap, UnknownVolume, UnknownRdbNode,
+    AlreadyExists, LogDiverged, NotEmpty, OutcomeUnknown, SequenceGap, UnknownRdbNode,
+    UnknownVolume,
 )
 from vmemu.rdb.replica import OPS, Entry, Replica
 from vmemu.rdb.sequencer import CatchUp, Sequencer, elect, sync
 
 __all__ = [
-    "OPS", "AlreadyExists", "CatchUp", "Entry", "LogDiverged", "NotEmpty", "Replica",
-    "SequenceGap", "Sequencer", "UnknownRdbNode", "UnknownVolume", "elect", "sync",
+    "OPS", "AlreadyExists", "CatchUp", "Entry", "LogDiverged", "NotEmpty", "OutcomeUnknown",
+    "Replica", "SequenceGap", "Sequencer", "UnknownRdbNode", "UnknownVolume", "elect", "sync",
 ]

@@ -1,10 +1,10 @@
 """Typed RDB errors. All subclass existing vmemu error classes so callers that catch
 BadRequest / InvalidState / UnknownNode keep working; the codes are more specific
-(the lead may register them in vmemu.errors._BY_CODE; unknown codes already survive the wire)."""
+(vmemu.errors.from_wire knows their codes, so they cross the bus as these classes)."""
 
 from __future__ import annotations
 
-from vmemu.errors import BadRequest, InvalidState, UnknownNode
+from vmemu.errors import BadRequest, InvalidState, Unavailable, UnknownNode, VmemuError
 
 
 class UnknownVolume(BadRequest):
@@ -32,3 +32,16 @@ class SequenceGap(InvalidState):
 class LogDiverged(InvalidState):
     """The same seq holds a different change here than in the entry offered."""
     code = "log_diverged"
+
+
+class OutcomeUnknown(Unavailable):
+    """A change may or may not have been made: its sequencer went away before every live
+    replica confirmed it (sequencer rule 4). Re-read before retrying; never blindly re-send."""
+    code = "outcome_unknown"
+
+
+# Every RDB error with a code of its own; vmemu.errors.from_wire looks codes up here.
+BY_CODE: dict[str, type[VmemuError]] = {
+    cls.code: cls
+    for cls in (UnknownVolume, AlreadyExists, NotEmpty, SequenceGap, LogDiverged, OutcomeUnknown)
+}
