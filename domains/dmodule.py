@@ -22,11 +22,20 @@ import numpy as np
 
 from storage import nvlog_format as F
 from storage import replay
+from domains.store import FlatStore, FsStore, LunHandle, Store
+from storage.aggregate import Aggregate
+from storage.blockcache import BlockCache
 from storage.disk import HEADER as DISK_HEADER
-from storage.disk import Disk, disk_path
-from storage.lun import Lun
+from storage.disk import Disk
 from storage.nvlog import NVLogWriter, RegionHeader, log_view
-from vmemu.errors import UnknownLun, VmemuError
+from vmemu.errors import BadRequest, UnknownLun, VmemuError
+
+try:
+    from storage.nvlog import record_payload
+except ImportError:  # before lz4 records existed: the payload is stored as is
+    def record_payload(log: np.ndarray, row: np.ndarray) -> bytes:
+        pos = int(row[F.IDX_POS]) + F.RECORD_HEADER
+        return bytes(log[pos:pos + int(row[F.IDX_LENGTH])])
 
 DEDUP_PER_CLIENT = 8192
 DEDUP_CLIENTS = 1024
@@ -38,12 +47,21 @@ class Served:
     """One identity (a node's disks and LUNs) as served by this domain."""
 
     identity: int
-    luns: list[Lun]
+    store: Store
+    cache: BlockCache
     epoch: int
     reason: str
     needs_sync: bool = False  # replay wrote to the disks behind the cache's back
     replayed: dict[int, int] = field(default_factory=dict)  # region -> last seq replayed
     first_request_pending: bool = False
+    handles: list[LunHandle] = field(default_factory=list)
+
+    @property
+    def luns(self) -> list[LunHandle]:
+        return self.handles
+
+    def refresh_luns(self) -> None:
+        self.handles = self.store.luns()
 
 
 class ExactlyOnce:
@@ -91,8 +109,10 @@ class ExactlyOnce:
 class DModule:
     def __init__(self, node: int, data_dir: Path, disks: int, region: mmap.mmap,
                  region_id: int, emit: Callable[..., None], ha_mode: str = "shm",
-                 mirror: Any = None) -> None:
+                 mirror: Any = None, raid: str = "none", default_luns: int = 2,
+                 lun_bytes: int | None = None) -> None:
         self.node = node
+        self.raid = raid  # "none": the flat LUN path; raid4/raid1: the aggregate
         self.data_dir = data_dir
         self.disks = disks
         self.region = region
@@ -108,15 +128,24 @@ class DModule:
         self.cp_count = 0
         self.last_cp = time.monotonic()
         self.last_cp_info: dict[str, Any] = {}
+        self.cp_stalls = 0  # writes that waited for a CP because both log halves were full
+        self.default_luns = default_luns
+        self.lun_bytes = lun_bytes
 
     # -- client operations (the N-module calls these directly: same domain, local path) ----
-    def lun(self, identity: int, index: int) -> Lun:
+    def served_or_raise(self, identity: int) -> Served:
         served = self.served.get(identity)
         if served is None:
             raise UnknownLun(f"node{self.node} does not serve node{identity}")
-        if not 0 <= index < len(served.luns):
-            raise UnknownLun(f"node{identity} has no lun{index} (it has lun0..lun{len(served.luns) - 1})")
-        return served.luns[index]
+        return served
+
+    def lun(self, identity: int, index: int) -> LunHandle:
+        served = self.served_or_raise(identity)
+        for h in served.handles:
+            if h.index == index:
+                return h
+        names = ", ".join(f"lun{h.index}" for h in served.handles) or "none"
+        raise UnknownLun(f"node{identity} has no lun{index} (it has {names})")
 
     def write(self, identity: int, lun_index: int, offset: int, data: bytes, client: int,
               request: int) -> int:
@@ -124,8 +153,11 @@ class DModule:
         lun.check(offset, len(data))
         if self.dedup.applied(client, request):
             return 0  # a retry of a write already logged: acknowledge, do not apply again
+        served = self.served[identity]
         if self.ha_mode == "none":
-            lun.write_through(offset, data)
+            # No NVRAM: the write is on disk (committed by a CP) before it is acknowledged.
+            served.cache.write(lun_index, offset, data)
+            self.consistency_point("write_through")
             self.dedup.record(client, request)
             self.ops += 1
             return 0
@@ -133,14 +165,15 @@ class DModule:
             self.consistency_point("log_full")
         seq = self.log.append(F.lun_gid(identity, lun_index), offset, data, client, request)
         self._replicate()
-        lun.write_cached(offset, data)
+        served.cache.write(lun_index, offset, data)
         self.dedup.record(client, request)
         self.ops += 1
         self.writes_since_cp += 1
         return seq
 
     def read(self, identity: int, lun_index: int, offset: int, length: int) -> bytes:
-        data = self.lun(identity, lun_index).read(offset, length)
+        self.lun(identity, lun_index).check(offset, length)
+        data = self.served[identity].cache.read(lun_index, offset, length)
         self.ops += 1
         return data
 
@@ -155,33 +188,53 @@ class DModule:
     def log_fill(self) -> float:
         return self.log.used / self.log.capacity
 
-    def consistency_point(self, reason: str) -> dict[str, Any]:
+    def consistency_point(self, reason: str, snapshot: tuple[int, str] | None = None) -> dict[str, Any]:
+        """Freeze every identity's cache, commit it to its store, then let the log go.
+
+        `snapshot` = (identity, name): that identity's commit also takes a snapshot.
+        """
         t0 = time.monotonic()
-        blocks = 0
         last_seq = self.log.last_seq
-        for served in self.served.values():
-            for lun in served.luns:
-                blocks += lun.flush_dirty()
-        for served in self.served.values():
-            for lun in served.luns:
-                lun.disk.sync()
-                applied = lun.disk.applied()
-                applied.update(served.replayed)
-                applied[self.region_id] = last_seq
-                lun.disk.set_applied(applied)
+        frozen = [(s, s.cache.freeze(), dict(s.replayed)) for s in self.served.values()]
+        blocks = written = 0
+        try:
+            for served, blks, _ in frozen:
+                snap = snapshot[1] if snapshot and snapshot[0] == served.identity else None
+                st = served.store.commit(blks, snap)
+                blocks += st["blocks"]
+                written += st.get("written", st["blocks"])
+        except BaseException:
+            for served, blks, _ in frozen:  # nothing is lost: put the writes back in the cache
+                if not served.cache.active:
+                    served.cache.active = blks
+                else:
+                    for lun, b in blks.items():
+                        served.cache.active.setdefault(lun, {}).update(
+                            {k: v for k, v in b.items() if k not in served.cache.active.get(lun, {})})
+                served.cache.frozen = {}
+            raise
+        for served, _, replayed in frozen:
+            applied = served.store.applied()
+            applied.update(replayed)
+            applied[self.region_id] = last_seq
+            served.store.set_applied(applied)
+            served.cache.thaw()
+            served.store.refresh_view()
             served.needs_sync = False
-            served.replayed.clear()
+            for r in replayed:
+                served.replayed.pop(r, None)
         self.log.reset()
         self._carry_dedup()
         self._replicate()
         self.writes_since_cp = 0
         self.cp_count += 1
         self.last_cp = time.monotonic()
-        info = {"reason": reason, "blocks": blocks, "ms": round((self.last_cp - t0) * 1000, 3),
-                "seq": last_seq, "region": self.region_id,
-                "identities": sorted(self.served)}
+        info = {"reason": reason, "blocks": blocks, "written": written,
+                "ms": round((self.last_cp - t0) * 1000, 3), "seq": last_seq,
+                "region": self.region_id, "identities": sorted(self.served)}
         self.last_cp_info = info
-        self.emit("cp_done", info, t0)
+        if reason != "write_through":
+            self.emit("cp_done", info, t0)
         return info
 
     def _replicate(self) -> None:
@@ -198,16 +251,14 @@ class DModule:
 
     # -- serving identities ------------------------------------------------------------------
     def open_identity(self, identity: int, epoch: int, reason: str) -> Served:
-        luns = []
-        try:
-            for d in range(self.disks):
-                disk = Disk.open(disk_path(self.data_dir, identity, d), epoch)
-                luns.append(Lun(identity, d, disk))
-        except Exception:
-            for lun in luns:
-                lun.disk.close()
-            raise
-        served = Served(identity, luns, epoch, reason)
+        store: Store
+        if self.raid == "none":
+            store = FlatStore.open(self.data_dir, identity, self.disks, epoch)
+        else:
+            store = FsStore.open(self.data_dir, identity, self.disks, epoch, self.raid,
+                                 self.default_luns, self.lun_bytes)
+        served = Served(identity, store, BlockCache(store.read_committed), epoch, reason)
+        served.refresh_luns()
         self.served[identity] = served
         return served
 
@@ -225,6 +276,7 @@ class DModule:
         total = {"records": 0, "bytes": 0, "bad": 0, "regions": 0, "scanned": 0,
                  "written": 0, "written_bytes": 0, "writes": 0}
         luns = {F.lun_gid(served.identity, lun.index): lun for lun in served.luns}
+        store = served.store
         for region_id, mapping in chain:
             if mapping is None:
                 continue  # our own live region: its records are in our cache already
@@ -233,15 +285,43 @@ class DModule:
             index, count, _end = replay.scan(log, hdr.generation, hdr.base_seq)
             total["scanned"] += int(count)
             total["regions"] += 1
+            store.check_epoch()  # once per region: its rows are one batch of writes
+            min_seq = store.applied().get(region_id, 0)
             for gid, lun in luns.items():
-                lun.disk.check_epoch()  # once per region: its rows are one batch of writes
-                min_seq = lun.disk.applied().get(region_id, 0)
-                self._replay_onto(lun.disk, log, index, int(count), gid, min_seq, total)
+                if isinstance(store, FlatStore):
+                    self._replay_onto(store.disk_of(lun.index), log, index, int(count), gid,
+                                      min_seq, total)
+                else:
+                    self._replay_into_cache(served.cache, lun, log, index, int(count), gid,
+                                            min_seq, total)
             self._rebuild_dedup(log, index, int(count), set(luns))
             served.replayed[region_id] = hdr.base_seq + int(count) - 1
             served.needs_sync = True
         total["ms"] = round((time.monotonic() - t0) * 1000, 3)
         return total
+
+    @staticmethod
+    def _replay_into_cache(cache: BlockCache, lun: LunHandle, log: np.ndarray, index: np.ndarray,
+                           count: int, gid: int, min_seq: int, total: dict[str, Any]) -> None:
+        """File-system LUNs: the planned rows become dirty blocks; the next CP commits them
+        through the file system (write-anywhere, checksummed, on RAID) like any other write."""
+        rows, bad = replay.plan(log, index, count, gid, min_seq, lun.size)
+        nbytes = 0
+        for r in rows:
+            row = index[int(r)]
+            data = record_payload(log, row)
+            cache.write(lun.index, int(row[F.IDX_OFFSET]), data)
+            nbytes += len(data)
+        rs = index[:count]
+        mine = (rs[:, F.IDX_LUN] == gid) & (rs[:, F.IDX_SEQ] > min_seq)
+        off, length = rs[:, F.IDX_OFFSET], rs[:, F.IDX_LENGTH]
+        fits = (off >= 0) & (length >= 0) & (off <= lun.size - length)
+        total["records"] += int(np.count_nonzero(mine)) - int(bad)
+        total["bytes"] += int(length[mine & fits].sum())
+        total["bad"] += int(bad)
+        total["written"] += int(rows.size)
+        total["written_bytes"] += nbytes
+        total["writes"] += int(rows.size)
 
     @staticmethod
     def _replay_onto(disk: Disk, log: np.ndarray, index: np.ndarray, count: int, gid: int,
@@ -266,22 +346,101 @@ class DModule:
             if gid in gids:
                 self.dedup.record(int(row[F.IDX_CLIENT]), int(row[F.IDX_REQUEST]))
             elif gid == F.DEDUP_LUN:
-                pos = int(row[F.IDX_POS]) + F.RECORD_HEADER
-                self.dedup.load(bytes(log[pos:pos + int(row[F.IDX_LENGTH])]))
+                self.dedup.load(record_payload(log, row))
+
+    # -- management (the aggregate's volumes, LUNs, snapshots and disks) ----------------------
+    def aggregate(self, identity: int) -> Aggregate:
+        store = self.served_or_raise(identity).store
+        if not isinstance(store, FsStore):
+            raise BadRequest("volumes, snapshots and RAID need the file system; this cluster "
+                             "runs --raid none (the flat LUN path)")
+        return store.aggr
+
+    def volume_create(self, identity: int, name: str, size: int) -> dict[str, Any]:
+        return self.aggregate(identity).volume_create(name, size)
+
+    def lun_create(self, identity: int, volume: str, name: str, size: int) -> dict[str, Any]:
+        info = self.aggregate(identity).lun_create(volume, name, size)
+        self.served[identity].refresh_luns()
+        return {"index": info.index, "path": info.path, "size": info.size}
+
+    def volumes(self, identity: int) -> list[dict[str, Any]]:
+        aggr = self.aggregate(identity)
+        return [aggr.volume_info(v) for v in sorted(aggr.volumes)]
+
+    def snapshot_create(self, identity: int, volume: str, name: str) -> dict[str, Any]:
+        """A snapshot holds every write acknowledged before it: it is taken by a CP."""
+        full = self.aggregate(identity).snapshot_name(volume, name)
+        if any(s["name"] == name for s in self.aggregate(identity).snapshot_list(volume)):
+            raise BadRequest(f"volume {volume} already has a snapshot {name!r}")
+        info = self.consistency_point("snapshot", snapshot=(identity, full))
+        return {"volume": volume, "snapshot": name, "cp": info}
+
+    def snapshot_delete(self, identity: int, volume: str, name: str) -> None:
+        self.aggregate(identity).snapshot_delete(volume, name)
+
+    def snapshot_list(self, identity: int, volume: str) -> list[dict[str, Any]]:
+        return self.aggregate(identity).snapshot_list(volume)
+
+    def read_snapshot(self, identity: int, volume: str, snap: str, lun: str, offset: int,
+                      length: int) -> bytes:
+        return self.aggregate(identity).read_snapshot(volume, snap, lun, offset, length)
+
+    def fsck(self, identity: int) -> dict[str, Any]:
+        return self.aggregate(identity).fsck()
+
+    def disk_fail(self, identity: int, disk: int) -> dict[str, Any]:
+        aggr = self.aggregate(identity)
+        aggr.fail_disk(disk)
+        self.emit("disk_failed", {"identity": identity, "disk": f"d{disk}",
+                                  "raid": aggr.raid_status()["state"]}, time.monotonic())
+        return aggr.raid_status()
+
+    def disk_replace(self, identity: int, disk: int) -> dict[str, Any]:
+        served = self.served_or_raise(identity)
+        aggr = self.aggregate(identity)
+        aggr.replace_disk(disk, served.epoch)
+        self.emit("reconstruction_started", {"identity": identity, "disk": f"d{disk}"},
+                  time.monotonic())
+        return aggr.raid_status()
+
+    def background_work(self, budget_stripes: int = 512) -> bool:
+        """One slice of reconstruction; True if any was done (the loop then polls sooner)."""
+        did = False
+        for served in self.served.values():
+            store = served.store
+            if isinstance(store, FsStore) and store.aggr.rebuilding():
+                prog = store.aggr.rebuild_step(budget_stripes)
+                did = True
+                if prog["complete"]:
+                    self.emit("reconstruction_done", {"identity": served.identity, **{
+                        k: prog[k] for k in ("disk", "total", "rate_mbps", "seconds")}},
+                        time.monotonic())
+        return did
+
+    def scrub(self, identity: int) -> dict[str, Any]:
+        rep = self.aggregate(identity).scrub()
+        self.emit("scrub_done", {"identity": identity, **{k: v for k, v in rep.items()
+                                                           if isinstance(v, int)}}, time.monotonic())
+        return rep
+
+    def storage_summary(self, identity: int) -> dict[str, Any]:
+        served = self.served_or_raise(identity)
+        out = served.store.status()
+        out["luns"] = [[h.index, h.name, h.size] for h in served.handles]
+        out["dirty_blocks"] = served.cache.dirty_blocks()
+        return out
 
     def release_identity(self, identity: int) -> dict[str, Any]:
         """Giveback: make the identity's disks hold everything, then let go of them."""
         info = self.consistency_point("giveback")
-        served = self.served.pop(identity)
-        for lun in served.luns:
-            lun.disk.close()
+        self.served.pop(identity).store.close()
         return info
 
     def close(self) -> None:
         for served in self.served.values():
-            for lun in served.luns:
-                try:
-                    lun.disk.close()
-                except (OSError, VmemuError):
-                    pass
+            try:
+                served.store.close()
+            except (OSError, VmemuError):
+                pass
         self.served.clear()

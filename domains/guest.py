@@ -70,7 +70,9 @@ class Guest:
                                           partner_of(node, self.cfg.nodes, self.cfg.topology),
                                           self.region_id, self.region, self._mirror_state)
         self.dmodule = DModule(node, data_dir, self.cfg.disks, self.region, self.region_id,
-                               self._emit_cp, self.cfg.ha_mode, self.mirror_tx)
+                               self._emit_cp, self.cfg.ha_mode, self.mirror_tx,
+                               raid=self.cfg.raid, default_luns=self.cfg.luns,
+                               lun_bytes=self.cfg.lun_mb << 20)
         self.nmodule = NModule(self.ctx, self.cfg.cluster_id, self.dmodule, node,
                                self._first_request)
         self.nbd = NbdServer(self.dmodule, node, lambda ident: nbd_address(self.cfg, ident),
@@ -179,7 +181,9 @@ class Guest:
                                      "mono": time.monotonic() if mono is None else mono})
 
     def _emit_cp(self, kind: str, info: dict[str, Any], t0: float) -> None:
-        self._event(kind, dict(info, region_hex=f"{info['region']:#x}"), t0)
+        if "region" in info:
+            info = dict(info, region_hex=f"{info['region']:#x}")
+        self._event(kind, info, t0)
 
     def _first_request(self, identity: int, mono: float) -> None:
         self._event("first_request", {"identity": identity}, mono)
@@ -188,7 +192,9 @@ class Guest:
         d = self.dmodule
         return {"nvlog_used": d.log.used, "nvlog_capacity": d.log.capacity, "ops": d.ops,
                 "cp_count": d.cp_count, "last_cp": d.last_cp, "serves": sorted(d.served),
-                "mapped": [f"{r:#x}" for r in self.monitor.mapped], "region": f"{d.region_id:#x}"}
+                "mapped": [f"{r:#x}" for r in self.monitor.mapped], "region": f"{d.region_id:#x}",
+                "storage": {str(i): d.storage_summary(i) for i in d.served},
+                "cp": d.last_cp_info or None, "cp_stalls": d.cp_stalls}
 
     # -- hypervisor requests -----------------------------------------------------------------
     def _control(self, req: codec.Request) -> Any:
@@ -221,7 +227,49 @@ class Guest:
             return {}
         if req.op == "status":
             return self._stats()
+        if req.op == "manage":
+            return self._manage(req)
         raise BadRequest(f"unknown guest op {req.op!r}")
+
+    def _manage(self, req: codec.Request) -> Any:
+        """Management of the identities this domain serves (the hypervisor routes here)."""
+        d = self.dmodule
+        what = codec.arg(req, "what", str)
+        ident = codec.arg(req, "identity", int)
+        a = req.args
+        if what == "cp":
+            d.served_or_raise(ident)
+            info = d.consistency_point("explicit")
+            self.next_cp = time.monotonic() + self.cfg.cp_interval_s
+            return info
+        if what == "volume_create":
+            return d.volume_create(ident, codec.arg(req, "name", str), codec.arg(req, "size", int))
+        if what == "volume_list":
+            return d.volumes(ident)
+        if what == "lun_create":
+            # New NBD connections see the LUN at once (exports are listed per connection).
+            return d.lun_create(ident, codec.arg(req, "volume", str), codec.arg(req, "name", str),
+                                codec.arg(req, "size", int))
+        if what == "snapshot_create":
+            return d.snapshot_create(ident, codec.arg(req, "volume", str), codec.arg(req, "name", str))
+        if what == "snapshot_delete":
+            d.snapshot_delete(ident, codec.arg(req, "volume", str), codec.arg(req, "name", str))
+            return {}
+        if what == "snapshot_list":
+            return d.snapshot_list(ident, codec.arg(req, "volume", str))
+        if what == "snapshot_read":
+            return d.read_snapshot(ident, codec.arg(req, "volume", str), codec.arg(req, "name", str),
+                                   codec.arg(req, "lun", str), codec.arg(req, "offset", int),
+                                   codec.arg(req, "length", int))
+        if what == "fsck":
+            return d.fsck(ident)
+        if what == "scrub":
+            return d.scrub(ident)
+        if what == "disk_fail":
+            return d.disk_fail(ident, codec.arg(req, "disk", int))
+        if what == "disk_replace":
+            return d.disk_replace(ident, codec.arg(req, "disk", int))
+        raise BadRequest(f"unknown management request {what!r}")
 
     def _assign(self, req: codec.Request) -> dict[str, Any]:
         ident = codec.arg(req, "identity", int)
@@ -252,14 +300,14 @@ class Guest:
             self.nmodule.unbind(ident)
             self.nbd.unbind(ident)
             self.dmodule.served.pop(ident, None)
-            for lun in served.luns:
-                lun.disk.close()
+            served.store.close()
             raise
         assumed = time.monotonic()
         if rep["regions"]:
             # Make the replayed data durable soon, so the old regions can be let go.
             self.next_cp = min(self.next_cp, assumed + 0.5)
         return {"region": self.region_id, "replay": rep, "replay_done": replay_done,
+                "luns": [[h.index, h.name, h.size] for h in served.handles],
                 "assumed": assumed}
 
     # -- the loop ----------------------------------------------------------------------------
@@ -267,6 +315,7 @@ class Guest:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop", True))
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; Dom0 decides
         self.monitor.start()
+        self.bg_busy = False
         while not self.stop:
             now = time.monotonic()
             if now < self.stalled_until:
@@ -281,13 +330,14 @@ class Guest:
             for fd, events in self.nbd.poll_fds().items():
                 poller.register(fd, events)
             timeout = max(0.0, min(now + 0.1, self.next_cp) - now)
-            ready = dict(poller.poll(0 if self.nbd.busy() else int(timeout * 1000) + 1))
+            ready = dict(poller.poll(0 if self.nbd.busy() or self.bg_busy else int(timeout * 1000) + 1))
             if self.control.sock in ready:
                 self._drain_control()
             for s, ident in ident_socks.items():
                 if s in ready:
                     self.nmodule.serve_ready(ident)
             self.nbd.service(ready)
+            self.bg_busy = self.dmodule.background_work()  # a slice of reconstruction
             now = time.monotonic()
             if now >= self.next_cp or self.dmodule.log_fill() >= 0.5:
                 self._cp("timer" if now >= self.next_cp else "log_half_full")

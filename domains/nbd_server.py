@@ -217,10 +217,15 @@ class NbdServer:
     def _exports(self, identity: int) -> tuple[list[P.Export], dict[str, int]]:
         served = self.d.served.get(identity)
         luns = [] if served is None else served.luns
-        exports = [P.Export(f"lun{l.index}", l.size,
-                            f"vmemu node{identity} lun{l.index}, served by node{self.node}")
-                   for l in luns]
-        return exports, {e.name: l.index for e, l in zip(exports, luns)}
+        exports: list[P.Export] = []
+        lun_of: dict[str, int] = {}
+        for l in luns:
+            # Every LUN answers to "lunN"; a LUN in a volume also to its path ("vol0/lun0").
+            for name in dict.fromkeys((f"lun{l.index}", l.name)):
+                exports.append(P.Export(name, l.size, f"vmemu node{identity} {l.name}, "
+                                                      f"served by node{self.node}"))
+                lun_of[name] = l.index
+        return exports, lun_of
 
     def _read(self, c: _Conn) -> None:
         got = 0

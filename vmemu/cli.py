@@ -20,6 +20,7 @@ from rich.table import Table
 
 from vmemu import datadir
 from vmemu.cluster import Control, Status, launch, wait_for, wait_started
+from vmemu import cli_storage
 from vmemu.config import ClusterConfig
 from vmemu.errors import BadRequest, VmemuError
 from vmemu.hypervisor.events import read_events
@@ -69,8 +70,14 @@ def cli(ctx: click.Context, data_dir: str | None) -> None:
 @click.option("--heartbeat-ms", default=100, show_default=True)
 @click.option("--heartbeat-misses", default=5, show_default=True)
 @click.option("--nvram-mb", default=64, show_default=True, help="NVRAM region per domain.")
-@click.option("--disks", default=2, show_default=True, help="Disks (and LUNs) per node.")
-@click.option("--disk-mb", default=256, show_default=True)
+@click.option("--disks", default=4, show_default=True,
+              help="Disks per node: one RAID group under the node's file system.")
+@click.option("--disk-mb", default=1024, show_default=True, help="Size of each (sparse) disk.")
+@click.option("--raid", type=click.Choice(["raid4", "raid1", "none"]), default="raid4",
+              show_default=True, help="RAID layout of each node's aggregate; none: the flat "
+              "path (one LUN per disk, no file system).")
+@click.option("--luns", default=2, show_default=True,
+              help="LUNs lun0.. made in volume vol0 when an aggregate is first formatted.")
 @click.option("--grant-mode", type=click.Choice(["ro", "rw"]), default="ro", show_default=True)
 @click.option("--ha-mode", type=click.Choice(["shm", "mirror", "none"]), default="shm",
               show_default=True, help="shm: partner maps the NVLog (the patent); mirror: every "
@@ -85,14 +92,14 @@ def cli(ctx: click.Context, data_dir: str | None) -> None:
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for serving.")
 @click.pass_obj
 def up(obj: Ctx, nodes: int, topology: str, detach: bool, heartbeat_ms: int, heartbeat_misses: int,
-       nvram_mb: int, disks: int, disk_mb: int, grant_mode: str, ha_mode: str, giveback_delay: float,
-       cp_interval: float, timeout: float, nbd_port: int = 10809,
-       nbd_addr: str = "127.0.10.0") -> None:
+       nvram_mb: int, disks: int, disk_mb: int, raid: str, luns: int, grant_mode: str,
+       ha_mode: str, giveback_delay: float, cp_interval: float, timeout: float,
+       nbd_port: int = 10809, nbd_addr: str = "127.0.10.0") -> None:
     """Start a cluster (foreground with a live view; Ctrl-C stops it cleanly)."""
     cfg = ClusterConfig(nodes=nodes, topology=topology, heartbeat_ms=heartbeat_ms,
                         heartbeat_misses=heartbeat_misses, nvram_mb=nvram_mb, disks=disks,
-                        disk_mb=disk_mb, grant_mode=grant_mode, ha_mode=ha_mode,
-                        giveback_delay_s=giveback_delay,
+                        disk_mb=disk_mb, raid=raid, luns=luns, grant_mode=grant_mode,
+                        ha_mode=ha_mode, giveback_delay_s=giveback_delay,
                         cp_interval_s=cp_interval, nbd_port=nbd_port, nbd_addr_base=nbd_addr)
     t0 = time.monotonic()
     proc = launch(obj.dir, cfg, detach)
@@ -200,12 +207,14 @@ def status(obj: Ctx, as_json: bool) -> None:
 
 
 def _lun_rows(raw: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per LUN of every identity: size (disk_mb MiB each), who serves it, its URI."""
-    size = int(raw["config"].get("disk_mb", 0)) << 20
+    """One row per LUN of every identity: path, size, who serves it, its URI."""
+    disk = int(raw["config"].get("disk_mb", 0)) << 20
     rows = []
     for n in raw["nodes"]:
+        luns = (n.get("storage") or {}).get("luns") or []
         for i, uri in enumerate((n.get("nbd") or {}).get("uris") or []):
-            rows.append({"identity": n["name"], "lun": f"lun{i}", "size": size,
+            index, path, size = luns[i] if i < len(luns) else (i, f"lun{i}", disk)
+            rows.append({"identity": n["name"], "lun": f"lun{index}", "path": path, "size": size,
                          "served_by": n["identity_served_by"], "uri": uri})
     return rows
 
@@ -430,6 +439,9 @@ def demo(scenario: str, step_mode: bool, speed: float, fast: bool, plot: str,
     if transcript:
         Path(transcript).write_text(transcript_json(lines))
     console.print("\n[bold green]demo complete[/]: every acknowledged write survived")
+
+
+cli_storage.register(cli)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from vmemu.errors import BadRequest
 
 TOPOLOGIES = ("pairs", "ring")
 HA_MODES = ("shm", "mirror", "none")
+RAID_LAYOUTS = ("raid4", "raid1", "none")  # none: the flat LUN path (one LUN per disk, no FS)
 GRANT_MODES = ("ro", "rw")
 
 
@@ -21,8 +22,11 @@ class ClusterConfig:
     heartbeat_ms: int = 100
     heartbeat_misses: int = 5  # a guest silent for misses x interval is declared failed
     nvram_mb: int = 64
-    disks: int = 2  # per node; LUN i lives on disk i
-    disk_mb: int = 256
+    disks: int = 4  # per node: one RAID group (the aggregate), or with raid none one LUN per disk
+    disk_mb: int = 1024  # sparse image files: only written blocks take space
+    raid: str = "raid4"
+    luns: int = 2  # LUNs lun0..lun{n-1} of volume vol0, made when an aggregate is first formatted
+    lun_mb: int = 256  # their size (capped so that vol0 takes at most half of the aggregate)
     grant_mode: str = "ro"
     giveback_delay_s: float = 2.0  # negative: manual giveback only
     cp_interval_s: float = 5.0
@@ -42,6 +46,14 @@ class ClusterConfig:
                              "(use --topology ring)")
         if self.ha_mode not in HA_MODES:
             raise BadRequest(f"unknown HA mode {self.ha_mode!r}; choose shm, mirror or none")
+        if self.raid not in RAID_LAYOUTS:
+            raise BadRequest(f"unknown RAID layout {self.raid!r}; choose raid4, raid1 or none")
+        if self.raid == "raid4" and self.disks < 2:
+            raise BadRequest("raid4 needs at least 2 disks per node (data and parity)")
+        if self.raid == "raid1" and self.disks < 2:
+            raise BadRequest("raid1 needs at least 2 disks per node (two mirrors)")
+        if not 0 <= self.luns <= 64:
+            raise BadRequest("default LUNs per node must be between 0 and 64")
         if self.grant_mode not in GRANT_MODES:
             raise BadRequest(f"unknown grant mode {self.grant_mode!r}; choose ro or rw")
         if not 5 <= self.heartbeat_ms <= 10_000:

@@ -15,7 +15,7 @@ import pytest
 from vmemu.cluster import Cluster, Status
 
 TEST_DEFAULTS: dict[str, Any] = dict(
-    disk_mb=32, nvram_mb=16, disks=2, heartbeat_ms=50, heartbeat_misses=10,
+    disk_mb=64, nvram_mb=16, disks=2, heartbeat_ms=50, heartbeat_misses=10,
     giveback_delay_s=-1.0, cp_interval_s=5.0,
     nbd_port=0,  # any free port: parallel clusters never collide on 127.0.10.N:10809
 )

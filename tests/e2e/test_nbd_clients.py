@@ -62,7 +62,7 @@ def uri(c, node: int = 1, lun: int = 0) -> str:
 
 @pytest.fixture
 def cluster(make_cluster):
-    c = make_cluster(nodes=2, nbd_port=0)
+    c = make_cluster(nodes=2, nbd_port=0, disk_mb=256, lun_mb=32)  # 32 MiB LUNs in vol0
     assert c.control.config.nbd_port != 0  # the real port, read back from cluster.json
     return c
 
@@ -101,7 +101,7 @@ def test_nbdinfo_lists_luns_and_survives_an_unknown_export(cluster):
     info = json.loads(p.stdout)
     assert info["protocol"] == "newstyle-fixed" and info["structured"] is True
     exports = {e["export-name"]: e for e in info["exports"]}
-    assert set(exports) == {"lun0", "lun1"}
+    assert set(exports) == {"lun0", "lun1", "vol0/lun0", "vol0/lun1"}  # index and path names
     for e in exports.values():
         assert e["export-size"] == 32 * MiB
         assert e["can_flush"] and e["can_fua"] and e["can_trim"] and e["can_zero"]
@@ -272,7 +272,7 @@ def test_fio_verify_after_the_owner_crashes_mid_run(make_cluster, tmp_path):
       verification; failures are allowed only at offsets never acknowledged, at most 16.
     """
     fio = need("fio")
-    c = make_cluster(nodes=2, nbd_port=0, disk_mb=512)
+    c = make_cluster(nodes=2, nbd_port=0, disk_mb=512, raid="none")  # 512M LUNs: the flat path
     target = uri(c, 1, 0)
     job = ["--name=vw", "--ioengine=nbd", f"--uri={target}", "--rw=randwrite", "--bs=4k",
            "--iodepth=16", "--size=512M", "--verify=crc32c", "--randseed=4242"]

@@ -184,7 +184,7 @@ def test_invalid_write_is_refused_and_changes_nothing(node1: Node, offset: int, 
     with pytest.raises(error):
         d.write(1, 0, offset, data, 9, 1)
     assert d.log.records == 0 and d.log.used == 0
-    assert all(not lun.dirty for lun in d.served[1].luns)
+    assert d.served[1].cache.dirty_blocks() == 0
     assert d.write(1, 0, 0, b"\x05" * 512, 9, 1) == 1  # the request id was not burnt
 
 
@@ -203,9 +203,10 @@ def test_consistency_point_writes_data_sets_applied_and_resets_the_log(node1: No
     assert d.log.records == 1 and d.log.generation == gen + 1
     served = d.served[1]
     for lun in served.luns:
-        assert lun.dirty == {}
-        assert lun.disk.applied() == {R1: 30}
-        assert lun.disk.read(0, DISK_SIZE) == bytes(model.luns[lun.index])
+        disk = served.store.disk_of(lun.index)
+        assert served.cache.dirty_blocks() == 0
+        assert disk.applied() == {R1: 30}
+        assert disk.read(0, DISK_SIZE) == bytes(model.luns[lun.index])
     assert_reads(d, 1, model)
     assert d.write(1, 0, 0, b"\x09" * 512, 1, 1) == 32  # the sequence goes on (31: the table)
 
@@ -260,7 +261,7 @@ def test_partner_replay_of_a_read_only_mapping_shows_every_acknowledged_write(
     b.d.consistency_point("after takeover")
     for lun in range(DISKS):
         assert on_disk(data_dir, 1, lun) == bytes(model.luns[lun])
-    assert b.d.served[1].luns[0].disk.applied() == {R1: 25 + 1 + len(after_cp), R2: 0}
+    assert b.d.served[1].store.disk_of(0).applied() == {R1: 25 + 1 + len(after_cp), R2: 0}
 
 
 def test_replaying_twice_equals_replaying_once(fds: Fds, data_dir: Path) -> None:

@@ -25,6 +25,7 @@ MiB = 1 << 20
 class FakeLun:
     def __init__(self, index: int, size: int) -> None:
         self.index, self.size = index, size
+        self.name = f"lun{index}"
         self.mem = bytearray(size)
 
 

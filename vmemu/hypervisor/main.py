@@ -28,7 +28,8 @@ from vmemu import datadir
 from vmemu.bus import codec
 from vmemu.bus.rpc import AsyncRpcClient, RpcServer
 from vmemu.config import ClusterConfig, nbd_address, nbd_uri, node_index, partner_of
-from vmemu.errors import BadRequest, InvalidState, NotGranted, UnknownNode, VmemuError
+from vmemu.errors import (BadRequest, InvalidState, NotGranted, Unavailable, UnknownLun,
+                          UnknownNode, VmemuError)
 from vmemu.hypervisor import failover as fo
 from vmemu.hypervisor.events import EventLog
 from vmemu.hypervisor.fdbroker import FdBroker
@@ -53,6 +54,7 @@ class Hypervisor:
         self.broker = FdBroker(datadir.fd_socket_name(cfg.cluster_id), self.grants, self._pid_of,
                                self._on_register)
         self.guests: dict[int, AsyncRpcClient] = {}
+        self.lun_lists: dict[int, list] = {}  # identity -> [[index, name, size]] from its assign
         self.stats: dict[int, dict[str, Any]] = {}
         self.takeovers: dict[int, dict[str, Any]] = {}
         self._served_at_fail: dict[int, list[int]] = {}
@@ -278,6 +280,8 @@ class Hypervisor:
                           "reason": act.reason}, 60.0, done)
 
     def _record_assign(self, act: fo.Assign, res: dict) -> None:
+        if res.get("luns") is not None:
+            self.lun_lists[act.identity] = res["luns"]
         rep = res.get("replay", {})
         self.events.emit("replay_done", act.node, mono=res.get("replay_done"),
                          identity=f"node{act.identity}", records=rep.get("records", 0),
@@ -394,6 +398,8 @@ class Hypervisor:
             return {"node": f"node{node}"}
         if op == "probe":
             return self._probe(peer, req)
+        if op == "manage":
+            return self._manage(peer, req)
         if op == "shutdown":
             self.stopping = (peer, req.id)
             self.stop_requested = True
@@ -433,6 +439,41 @@ class Hypervisor:
         g.call(op, args, 10.0, done)
         return _DEFERRED
 
+    def volume_owner(self, volume: str) -> int:
+        """Which identity holds `volume` (the VLDB): from what the serving domains report."""
+        for ident in range(1, self.cfg.nodes + 1):
+            srv = self.coord.identities[ident].served_by
+            st = (self.stats.get(srv, {}).get("storage") or {}).get(str(ident)) if srv else None
+            if st and volume in (st.get("volumes") or []):
+                return ident
+        raise UnknownLun(f"no volume {volume!r} in this cluster (or its node is down with no "
+                         "partner serving it)")
+
+    def _manage(self, peer: bytes, req: codec.Request) -> Any:
+        """Route a management request to the domain serving the identity it concerns."""
+        what = codec.arg(req, "what", str)
+        args = dict(req.args)
+        if "node" in args:
+            ident = self._node_arg(req)
+        else:
+            ident = self.volume_owner(codec.arg(req, "volume", str))
+        srv = self.coord.identities[ident].served_by
+        g = self.guests.get(srv) if srv else None
+        if g is None or not self.coord.alive(srv):
+            raise Unavailable(f"node{ident} is down and no partner serves its identity; "
+                              f"{what.replace('_', ' ')} is not possible until it returns")
+        args.pop("node", None)
+        args["identity"] = ident
+
+        def done(res: Any, err: VmemuError | None) -> None:
+            if err is not None:
+                self.control.reply_error(peer, req.id, err)
+            else:
+                self.control.reply(peer, req.id, res)
+
+        g.call("manage", args, float(req.args.get("timeout", 60.0)), done)
+        return _DEFERRED
+
     def _guest_event(self, req: codec.Request) -> None:
         node = self._node_arg(req)
         kind = codec.arg(req, "kind", str)
@@ -463,6 +504,11 @@ class Hypervisor:
             st = self.stats.get(n, {}) if self.coord.alive(n) else {}
             age = self.monitor.age(n, now)
             ident = self.coord.identities[n]
+            srv = ident.served_by
+            storage = (self.stats.get(srv, {}).get("storage") or {}).get(str(n)) \
+                if srv and self.coord.alive(srv) else None
+            luns = storage["luns"] if storage else self.lun_lists.get(n, [])
+            lun_ids = [l[0] for l in luns]
             nodes.append({
                 "name": f"node{n}",
                 "pid": child.pid if child else None,
@@ -481,7 +527,10 @@ class Hypervisor:
                 "region": f"{r:#x}" if (r := self.coord.region[n]) else None,
                 "endpoint": datadir.identity_endpoint(self.cfg.cluster_id, n),
                 "nbd": {"address": nbd_address(self.cfg, n)[0], "port": self.cfg.nbd_port,
-                        "uris": [nbd_uri(self.cfg, n, lun) for lun in range(self.cfg.disks)]},
+                        "uris": [nbd_uri(self.cfg, n, lun) for lun in lun_ids]},
+                "storage": storage,
+                "cp": st.get("cp"),
+                "cp_stalls": st.get("cp_stalls"),
                 "last_takeover": self._takeover_view(n),
             })
         return {"version": 1, "cluster_id": self.cfg.cluster_id, "hypervisor_pid": os.getpid(),

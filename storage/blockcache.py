@@ -1,0 +1,91 @@
+"""The D-module's cache of acknowledged writes not yet on disk, in two generations.
+
+Acknowledged writes live in the NVLog (durable) and here (what reads are served from) until a
+consistency point has put them on disk. A CP *freezes* the active generation: from then on new
+writes go to a fresh active generation (and to the other NVLog half) while the frozen one is
+written out in the background; reads look in active, then frozen, then at the committed disk
+state. When the CP has committed, the frozen generation is dropped.
+
+Pure data structure: what "the committed disk state" is comes in as a function, so this works
+for the flat LUN path and for LUNs that are files of a write-anywhere file system.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+BLOCK = 4096
+
+Blocks = dict[int, bytearray]  # block number -> 4 KiB
+ReadCommitted = Callable[[int, int, int], bytes]  # (lun, first block, count) -> bytes
+
+
+class BlockCache:
+    def __init__(self, read_committed: ReadCommitted) -> None:
+        self.read_committed = read_committed
+        self.active: dict[int, Blocks] = {}
+        self.frozen: dict[int, Blocks] = {}
+
+    # -- generations -------------------------------------------------------------------------
+    def freeze(self) -> dict[int, Blocks]:
+        """Start a CP: the current writes become the frozen set, returned to be written out."""
+        if self.frozen:
+            raise RuntimeError("a CP is already flushing; finish it before freezing again")
+        self.frozen, self.active = self.active, {}
+        return self.frozen
+
+    def thaw(self) -> None:
+        """The CP committed: the frozen blocks are on disk now."""
+        self.frozen = {}
+
+    def dirty_blocks(self) -> int:
+        return sum(len(b) for b in self.active.values())
+
+    def frozen_blocks(self) -> int:
+        return sum(len(b) for b in self.frozen.values())
+
+    def drop_lun(self, lun: int) -> None:
+        self.active.pop(lun, None)
+        self.frozen.pop(lun, None)
+
+    # -- I/O ---------------------------------------------------------------------------------
+    def _cached(self, lun: int, b: int) -> bytearray | None:
+        buf = self.active.get(lun, {}).get(b)
+        if buf is None:
+            buf = self.frozen.get(lun, {}).get(b)
+        return buf
+
+    def write(self, lun: int, offset: int, data: bytes | memoryview) -> None:
+        mv = memoryview(data)
+        blocks = self.active.setdefault(lun, {})
+        pos = 0
+        while pos < len(mv):
+            b, off = divmod(offset + pos, BLOCK)
+            n = min(BLOCK - off, len(mv) - pos)
+            if n == BLOCK:
+                blocks[b] = bytearray(mv[pos:pos + n])
+            else:
+                buf = blocks.get(b)
+                if buf is None:
+                    old = self.frozen.get(lun, {}).get(b)
+                    buf = bytearray(old) if old is not None else \
+                        bytearray(self.read_committed(lun, b, 1))
+                    blocks[b] = buf
+                buf[off:off + n] = mv[pos:pos + n]
+            pos += n
+
+    def read(self, lun: int, offset: int, length: int) -> bytes:
+        first, last = offset // BLOCK, (offset + length - 1) // BLOCK
+        act, frz = self.active.get(lun), self.frozen.get(lun)
+        if not act and not frz:
+            start = offset - first * BLOCK
+            if start == 0 and length % BLOCK == 0:
+                return self.read_committed(lun, first, last - first + 1)
+            return self.read_committed(lun, first, last - first + 1)[start:start + length]
+        out = bytearray(self.read_committed(lun, first, last - first + 1))
+        for b in range(first, last + 1):
+            buf = self._cached(lun, b)
+            if buf is not None:
+                out[(b - first) * BLOCK:(b - first + 1) * BLOCK] = buf
+        start = offset - first * BLOCK
+        return bytes(out[start:start + length])
