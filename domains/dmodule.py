@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import mmap
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,8 @@ from storage.aggregate import Aggregate
 from storage.blockcache import BlockCache
 from storage.disk import HEADER as DISK_HEADER
 from storage.disk import Disk
-from storage.nvlog import NVLogWriter, RegionHeader, log_view
-from vmemu.errors import BadRequest, UnknownLun, VmemuError
+from storage.nvlog import TwoHalfLog, region_logs
+from vmemu.errors import BadRequest, LogFull, UnknownLun, VmemuError
 
 try:
     from storage.nvlog import record_payload
@@ -62,6 +63,21 @@ class Served:
 
     def refresh_luns(self) -> None:
         self.handles = self.store.luns()
+
+
+@dataclass
+class CpJob:
+    """One consistency point: what it froze, and (from the CP thread) how it went."""
+
+    reason: str
+    t0: float
+    last_seq: int
+    frozen: list[tuple[Served, dict, dict[int, int]]]
+    snapshot: tuple[int, str] | None
+    switched: bool
+    done: threading.Event = field(default_factory=threading.Event)
+    result: dict[str, Any] = field(default_factory=dict)
+    error: BaseException | None = None
 
 
 class ExactlyOnce:
@@ -110,7 +126,7 @@ class DModule:
     def __init__(self, node: int, data_dir: Path, disks: int, region: mmap.mmap,
                  region_id: int, emit: Callable[..., None], ha_mode: str = "shm",
                  mirror: Any = None, raid: str = "none", default_luns: int = 2,
-                 lun_bytes: int | None = None) -> None:
+                 lun_bytes: int | None = None, compress: str | None = None) -> None:
         self.node = node
         self.raid = raid  # "none": the flat LUN path; raid4/raid1: the aggregate
         self.data_dir = data_dir
@@ -119,7 +135,7 @@ class DModule:
         self.region_id = region_id
         self.ha_mode = ha_mode
         self.mirror = mirror  # domains.mirror.MirrorSender in --ha-mode mirror
-        self.log = NVLogWriter(region, track_spans=mirror is not None)
+        self.log = TwoHalfLog(region, track_spans=mirror is not None, compress=compress)
         self.served: dict[int, Served] = {}
         self.dedup = ExactlyOnce()
         self.emit = emit
@@ -129,6 +145,8 @@ class DModule:
         self.last_cp = time.monotonic()
         self.last_cp_info: dict[str, Any] = {}
         self.cp_stalls = 0  # writes that waited for a CP because both log halves were full
+        self.cp_stall_ms = 0.0
+        self.cp_job: CpJob | None = None
         self.default_luns = default_luns
         self.lun_bytes = lun_bytes
 
@@ -162,7 +180,7 @@ class DModule:
             self.ops += 1
             return 0
         if not self.log.fits(len(data)):
-            self.consistency_point("log_full")
+            self._make_room(len(data))
         seq = self.log.append(F.lun_gid(identity, lun_index), offset, data, client, request)
         self._replicate()
         served.cache.write(lun_index, offset, data)
@@ -186,55 +204,117 @@ class DModule:
         return self.writes_since_cp > 0 or any(s.needs_sync for s in self.served.values())
 
     def log_fill(self) -> float:
+        """How full the active log half is."""
         return self.log.used / self.log.capacity
 
+    def _make_room(self, length: int) -> None:
+        """The active log half is full: switch halves (a CP starts) or, if the other half is
+        still being flushed by the running CP, wait for that CP first -- a stall."""
+        if F.record_size(length) > self.log.capacity:
+            raise LogFull(f"a {length}-byte write cannot fit an NVLog half of "
+                          f"{self.log.capacity} bytes")
+        if self.cp_job is not None:
+            t = time.monotonic()
+            self.cp_stalls += 1
+            self.poll_cp(wait=True)
+            self.cp_stall_ms += (time.monotonic() - t) * 1000
+        self.start_cp("log_full")
+        if not self.log.fits(length):  # a retried CP does not switch halves: finish it
+            self.poll_cp(wait=True)
+            raise LogFull("NVLog full: the consistency point did not free a log half")
+
     def consistency_point(self, reason: str, snapshot: tuple[int, str] | None = None) -> dict[str, Any]:
-        """Freeze every identity's cache, commit it to its store, then let the log go.
+        """A CP now, waited for (explicit, snapshot, giveback, shutdown, no-NVRAM writes).
 
         `snapshot` = (identity, name): that identity's commit also takes a snapshot.
         """
+        self.poll_cp(wait=True)
+        self.start_cp(reason, snapshot, background=False)
+        info = self.poll_cp(wait=True)
+        assert info is not None
+        return info
+
+    def start_cp(self, reason: str, snapshot: tuple[int, str] | None = None,
+                 background: bool = True) -> CpJob:
+        """Freeze every identity's cache and commit it (in the CP thread when `background`).
+
+        Writes keep going meanwhile: into fresh caches and the other NVLog half. If a
+        previous CP failed, its half is still held; this CP then does not switch halves but
+        covers everything logged so far.
+        """
+        if self.cp_job is not None:
+            raise RuntimeError("a consistency point is already running")
         t0 = time.monotonic()
+        switched = self.log.can_switch()
         last_seq = self.log.last_seq
+        if switched:
+            self.log.switch()
         frozen = [(s, s.cache.freeze(), dict(s.replayed)) for s in self.served.values()]
-        blocks = written = 0
+        if switched:
+            self._carry_dedup()  # the new half starts with the exactly-once table
+            self._replicate()
+        self.writes_since_cp = 0
+        job = CpJob(reason, t0, last_seq, frozen, snapshot, switched)
+        self.cp_job = job
+        if background:
+            threading.Thread(target=self._run_cp, args=(job,), name="cp", daemon=True).start()
+        else:
+            self._run_cp(job)
+        return job
+
+    def _run_cp(self, job: CpJob) -> None:
+        """The CP thread: only the stores' commit runs here; everything else is main-thread."""
         try:
-            for served, blks, _ in frozen:
-                snap = snapshot[1] if snapshot and snapshot[0] == served.identity else None
+            blocks = written = 0
+            for served, blks, _ in job.frozen:
+                snap = job.snapshot[1] if job.snapshot and job.snapshot[0] == served.identity else None
                 st = served.store.commit(blks, snap)
                 blocks += st["blocks"]
                 written += st.get("written", st["blocks"])
-        except BaseException:
-            for served, blks, _ in frozen:  # nothing is lost: put the writes back in the cache
-                if not served.cache.active:
-                    served.cache.active = blks
-                else:
-                    for lun, b in blks.items():
-                        served.cache.active.setdefault(lun, {}).update(
-                            {k: v for k, v in b.items() if k not in served.cache.active.get(lun, {})})
-                served.cache.frozen = {}
-            raise
-        for served, _, replayed in frozen:
+            job.result = {"blocks": blocks, "written": written}
+        except BaseException as exc:  # handed to the main thread by poll_cp
+            job.error = exc
+        finally:
+            job.done.set()
+
+    def cp_running(self) -> bool:
+        return self.cp_job is not None
+
+    def poll_cp(self, wait: bool = False) -> dict[str, Any] | None:
+        """Finish the running CP if it is done (or once it is, with `wait`); its info."""
+        job = self.cp_job
+        if job is None or not (job.done.is_set() or wait):
+            return None
+        job.done.wait()
+        self.cp_job = None
+        if job.error is not None:
+            for served, blks, _ in job.frozen:  # nothing is lost: the writes go back in the cache
+                served.cache.unfreeze()
+            self.emit("cp_failed", {"reason": job.reason, "error": str(job.error),
+                                    "region": self.region_id}, job.t0)
+            raise job.error
+        for served, _, replayed in job.frozen:
             applied = served.store.applied()
             applied.update(replayed)
-            applied[self.region_id] = last_seq
+            applied[self.region_id] = job.last_seq
             served.store.set_applied(applied)
             served.cache.thaw()
             served.store.refresh_view()
-            served.needs_sync = False
-            for r in replayed:
-                served.replayed.pop(r, None)
-        self.log.reset()
-        self._carry_dedup()
-        self._replicate()
-        self.writes_since_cp = 0
+            for r, seq in replayed.items():
+                if served.replayed.get(r) == seq:
+                    served.replayed.pop(r)
+            served.needs_sync = bool(served.replayed)
+        self.log.release()
         self.cp_count += 1
         self.last_cp = time.monotonic()
-        info = {"reason": reason, "blocks": blocks, "written": written,
-                "ms": round((self.last_cp - t0) * 1000, 3), "seq": last_seq,
-                "region": self.region_id, "identities": sorted(self.served)}
+        info = {"reason": job.reason, "blocks": job.result["blocks"],
+                "written": job.result["written"], "ms": round((self.last_cp - job.t0) * 1000, 3),
+                "seq": job.last_seq, "region": self.region_id,
+                "identities": sorted(s.identity for s, _, _ in job.frozen),
+                "stalls": self.cp_stalls, "background": job.done is not None and job.switched}
         self.last_cp_info = info
-        if reason != "write_through":
-            self.emit("cp_done", info, t0)
+        if job.reason != "write_through":
+            self.emit("cp_done", info, job.t0)
         return info
 
     def _replicate(self) -> None:
@@ -280,22 +360,24 @@ class DModule:
         for region_id, mapping in chain:
             if mapping is None:
                 continue  # our own live region: its records are in our cache already
-            hdr = RegionHeader.read(mapping)
-            log = log_view(mapping)
-            index, count, _end = replay.scan(log, hdr.generation, hdr.base_seq)
-            total["scanned"] += int(count)
             total["regions"] += 1
             store.check_epoch()  # once per region: its rows are one batch of writes
             min_seq = store.applied().get(region_id, 0)
-            for gid, lun in luns.items():
-                if isinstance(store, FlatStore):
-                    self._replay_onto(store.disk_of(lun.index), log, index, int(count), gid,
-                                      min_seq, total)
-                else:
-                    self._replay_into_cache(served.cache, lun, log, index, int(count), gid,
-                                            min_seq, total)
-            self._rebuild_dedup(log, index, int(count), set(luns))
-            served.replayed[region_id] = hdr.base_seq + int(count) - 1
+            last = 0
+            for log, generation, base_seq in region_logs(mapping):  # both halves, oldest first
+                index, count, _end = replay.scan(log, generation, base_seq)
+                total["scanned"] += int(count)
+                for gid, lun in luns.items():
+                    if isinstance(store, FlatStore):
+                        self._replay_onto(store.disk_of(lun.index), log, index, int(count), gid,
+                                          min_seq, total)
+                    else:
+                        self._replay_into_cache(served.cache, lun, log, index, int(count), gid,
+                                                min_seq, total)
+                self._rebuild_dedup(log, index, int(count), set(luns))
+                if count:
+                    last = max(last, base_seq + int(count) - 1)
+            served.replayed[region_id] = last
             served.needs_sync = True
         total["ms"] = round((time.monotonic() - t0) * 1000, 3)
         return total

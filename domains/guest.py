@@ -38,6 +38,9 @@ from vmemu.errors import BadRequest, InvalidState, NotGranted, VmemuError
 from vmemu.hypervisor import fdbroker
 
 PR_SET_PDEATHSIG = 1
+# A CP starts when the active NVLog half is this full, so the switch to the other half comes
+# before a write has to wait for room.
+HALF_FULL = 0.75
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -72,7 +75,8 @@ class Guest:
         self.dmodule = DModule(node, data_dir, self.cfg.disks, self.region, self.region_id,
                                self._emit_cp, self.cfg.ha_mode, self.mirror_tx,
                                raid=self.cfg.raid, default_luns=self.cfg.luns,
-                               lun_bytes=self.cfg.lun_mb << 20)
+                               lun_bytes=self.cfg.lun_mb << 20,
+                               compress=self.cfg.nvlog_compress or None)
         self.nmodule = NModule(self.ctx, self.cfg.cluster_id, self.dmodule, node,
                                self._first_request)
         self.nbd = NbdServer(self.dmodule, node, lambda ident: nbd_address(self.cfg, ident),
@@ -90,7 +94,7 @@ class Guest:
         size = (1 << 20) if self.cfg.ha_mode == "none" else self.cfg.nvram_mb << 20
         fd = shm.allocate(f"vmemu-nvram-node{self.node}", size)
         buf = shm.map_read_write(fd, size)
-        nvlog.format_region(buf, self.node, region_id)
+        nvlog.format_region(buf, self.node, region_id, halves=True)
         shm.seal(fd, read_only=self.cfg.grant_mode == "ro")
         return fd, buf, region_id
 
@@ -212,7 +216,8 @@ class Guest:
             return {}
         if req.op == "mirror_request":
             if self.mirror_tx is not None and codec.arg(req, "region", int) == self.region_id:
-                self.mirror_tx.sync(used=nvlog_format.REGION_HEADER + self.dmodule.log.used)
+                log = self.dmodule.log  # both halves: copy up to the end of the later one in use
+                self.mirror_tx.sync(used=max(h.log_off + h.used for h in log.halves))
             return {}
         if req.op == "probe_write":
             return self._probe_write(codec.arg(req, "region", int))
@@ -234,6 +239,7 @@ class Guest:
     def _manage(self, req: codec.Request) -> Any:
         """Management of the identities this domain serves (the hypervisor routes here)."""
         d = self.dmodule
+        d.poll_cp(wait=True)  # metadata changes and disk work never run beside a CP
         what = codec.arg(req, "what", str)
         ident = codec.arg(req, "identity", int)
         a = req.args
@@ -337,14 +343,20 @@ class Guest:
                 if s in ready:
                     self.nmodule.serve_ready(ident)
             self.nbd.service(ready)
-            self.bg_busy = self.dmodule.background_work()  # a slice of reconstruction
+            self.dmodule.poll_cp()
+            # A slice of reconstruction, never beside a running CP (both write the stripes).
+            self.bg_busy = not self.dmodule.cp_running() and self.dmodule.background_work()
             now = time.monotonic()
-            if now >= self.next_cp or self.dmodule.log_fill() >= 0.5:
+            if now >= self.next_cp or self.dmodule.log_fill() >= HALF_FULL:
                 self._cp("timer" if now >= self.next_cp else "log_half_full")
 
     def _cp(self, reason: str) -> None:
-        if self.dmodule.cp_needed():
-            self.dmodule.consistency_point(reason)
+        """Start a CP in the background (writes go on into the other log half meanwhile)."""
+        d = self.dmodule
+        if d.cp_running():
+            return  # the timer (or the half-full trigger) fires again once it has finished
+        if d.cp_needed():
+            d.start_cp(reason)
         self.next_cp = time.monotonic() + self.cfg.cp_interval_s
 
     def _drain_control(self) -> None:

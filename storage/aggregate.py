@@ -188,7 +188,11 @@ class Aggregate:
                              f"node{self.identity} has {_h(free)} left to reserve "
                              f"(of {_h(self.capacity())})")
         self.volumes[name] = {"size": size, "created": time.time()}
-        self._commit_catalog()
+        try:
+            self._commit_catalog()
+        except BaseException:
+            del self.volumes[name]  # the catalog on disk never had it
+            raise
         return self.volume_info(name)
 
     def volume_delete(self, name: str) -> None:
@@ -197,8 +201,12 @@ class Aggregate:
             raise InvalidState(f"volume {name} still holds LUNs")
         if any(s["name"].startswith(name + "@") for s in self.fs.snapshot_list()):
             raise InvalidState(f"volume {name} still has snapshots")
-        del self.volumes[name]
-        self._commit_catalog()
+        vol = self.volumes.pop(name)
+        try:
+            self._commit_catalog()
+        except BaseException:
+            self.volumes[name] = vol
+            raise
 
     def _volume(self, name: str) -> dict[str, Any]:
         vol = self.volumes.get(name)
@@ -222,7 +230,12 @@ class Aggregate:
         self.fs.create(info.path, size)
         self.luns[info.index] = info
         self.next_lun += 1
-        self._commit_catalog()
+        try:
+            self._commit_catalog()
+        except BaseException:
+            del self.luns[info.index]
+            self.next_lun -= 1
+            raise
         return info
 
     def lun_delete(self, index: int) -> None:

@@ -38,6 +38,14 @@ class BlockCache:
         """The CP committed: the frozen blocks are on disk now."""
         self.frozen = {}
 
+    def unfreeze(self) -> None:
+        """The CP failed: its blocks become dirty again (newer writes of a block win)."""
+        for lun, blocks in self.frozen.items():
+            act = self.active.setdefault(lun, {})
+            for b, buf in blocks.items():
+                act.setdefault(b, buf)
+        self.frozen = {}
+
     def dirty_blocks(self) -> int:
         return sum(len(b) for b in self.active.values())
 

@@ -85,22 +85,36 @@ class RegionHeader:
     generation: int
     base_seq: int
     tail: int
+    version: int = F.REGION_VERSION
 
     @classmethod
     def read(cls, buf: mmap.mmap | memoryview | bytes | np.ndarray) -> "RegionHeader":
         raw = bytes(memoryview(buf)[: F.REGION_STRUCT.size])
         magic, version, node, rid, cap, gen, base, tail = F.REGION_STRUCT.unpack(raw)
-        if magic != F.REGION_MAGIC or version != F.REGION_VERSION:
+        if magic != F.REGION_MAGIC or version not in (F.REGION_VERSION, F.REGION_VERSION_HALVES):
             raise ValueError("not an NVRAM region (bad magic or version)")
-        return cls(node, rid, cap, gen, base, tail)
+        return cls(node, rid, cap, gen, base, tail, version)
+
+    @property
+    def halves(self) -> bool:
+        return self.version == F.REGION_VERSION_HALVES
+
+    @property
+    def half_capacity(self) -> int:
+        return (self.capacity // 2) // 8 * 8
 
 
-def format_region(buf: mmap.mmap, node_index: int, region_id: int) -> RegionHeader:
+def format_region(buf: mmap.mmap, node_index: int, region_id: int,
+                  halves: bool = False) -> RegionHeader:
     capacity = len(buf) - F.REGION_HEADER
-    if capacity <= F.record_size(0):
+    if capacity <= F.record_size(0) * (2 if halves else 1):
         raise ValueError("region too small for a log")
-    F.REGION_STRUCT.pack_into(buf, 0, F.REGION_MAGIC, F.REGION_VERSION, node_index, region_id,
+    version = F.REGION_VERSION_HALVES if halves else F.REGION_VERSION
+    F.REGION_STRUCT.pack_into(buf, 0, F.REGION_MAGIC, version, node_index, region_id,
                               capacity, 1, 1, 0)
+    if halves:  # half 1 starts unused: generation 0 never matches a record
+        for off in F.HALF_FIELDS[1]:
+            _U64.pack_into(buf, off, 0)
     return RegionHeader.read(buf)
 
 
@@ -109,9 +123,29 @@ def log_view(buf: mmap.mmap) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.uint8, offset=F.REGION_HEADER)
 
 
+def region_logs(buf: mmap.mmap | bytearray) -> list[tuple[np.ndarray, int, int]]:
+    """Every log of a region as (view, generation, base_seq), oldest records first.
+
+    One log for a version-1 region; two for a region used in halves, ordered by base_seq so
+    that replaying them in this order applies records in sequence order.
+    """
+    hdr = RegionHeader.read(buf)
+    whole = log_view(buf)  # type: ignore[arg-type]
+    if not hdr.halves:
+        return [(whole, hdr.generation, hdr.base_seq)]
+    h = hdr.half_capacity
+    logs = []
+    for half, (g_off, b_off, _t) in enumerate(F.HALF_FIELDS):
+        gen = _U64.unpack_from(buf, g_off)[0]
+        base = _U64.unpack_from(buf, b_off)[0]
+        if gen:
+            logs.append((whole[half * h:(half + 1) * h], gen, base))
+    return sorted(logs, key=lambda x: x[2])
+
+
 class NVLogWriter:
     def __init__(self, buf: mmap.mmap, track_spans: bool = False,
-                 compress: str | None = None) -> None:
+                 compress: str | None = None, half: int | None = None) -> None:
         if compress is not None and compress not in COMPRESSORS:
             raise ValueError(f"unknown NVLog compression {compress!r} (have: {', '.join(COMPRESSORS)})")
         self.buf = buf
@@ -119,9 +153,18 @@ class NVLogWriter:
         self.compress = compress
         hdr = RegionHeader.read(buf)
         self.header = hdr
-        self.capacity = hdr.capacity
-        self.generation = hdr.generation
-        self.next_seq = hdr.base_seq
+        if half is None:
+            self.capacity = hdr.capacity
+            self.log_off = F.REGION_HEADER
+            self.off_gen, self.off_base, self.off_tail = F.OFF_GENERATION, F.OFF_BASE_SEQ, F.OFF_TAIL
+        else:
+            if not hdr.halves:
+                raise ValueError("this region is not formatted in halves")
+            self.capacity = hdr.half_capacity
+            self.log_off = F.REGION_HEADER + half * self.capacity
+            self.off_gen, self.off_base, self.off_tail = F.HALF_FIELDS[half]
+        self.generation = _U64.unpack_from(buf, self.off_gen)[0]
+        self.next_seq = _U64.unpack_from(buf, self.off_base)[0]
         self.tail = 0
         self._arr = np.frombuffer(buf, dtype=np.uint8)
         self.records = 0
@@ -156,7 +199,7 @@ class NVLogWriter:
         if self.tail + size > self.capacity:
             raise LogFull(f"NVLog full: {self.tail}/{self.capacity} bytes used")
         seq = self.next_seq
-        pos = F.REGION_HEADER + self.tail
+        pos = self.log_off + self.tail
         F.RECORD_STRUCT.pack_into(self.buf, pos, F.RECORD_MAGIC, F.RECORD_VERSION, flags,
                                   self.generation, length, seq, lun, length, offset, client,
                                   request)
@@ -171,7 +214,7 @@ class NVLogWriter:
         self.tail += size
         self.next_seq = seq + 1
         self.records += 1
-        _U64.pack_into(self.buf, F.OFF_TAIL, self.tail)
+        _U64.pack_into(self.buf, self.off_tail, self.tail)
         if self.track_spans:
             self.spans.append((pos, pos + size))
         return seq
@@ -209,7 +252,7 @@ class NVLogWriter:
         if self.tail + size > self.capacity:
             raise LogFull(f"NVLog full: {self.tail}/{self.capacity} bytes used")
         seq = self.next_seq
-        pos = F.REGION_HEADER + self.tail
+        pos = self.log_off + self.tail
         F.RECORD_STRUCT.pack_into(self.buf, pos, F.RECORD_MAGIC, F.RECORD_VERSION, flags,
                                   self.generation, length, seq, lun, n, offset, client,
                                   request)
@@ -222,27 +265,113 @@ class NVLogWriter:
         self.tail += size
         self.next_seq = seq + 1
         self.records += 1
-        _U64.pack_into(self.buf, F.OFF_TAIL, self.tail)
+        _U64.pack_into(self.buf, self.off_tail, self.tail)
         if self.track_spans:
             self.spans.append((pos, pos + size))
         return seq
 
-    def reset(self) -> None:
+    def reset(self, next_seq: int | None = None) -> None:
         """Start a new generation: every record so far is on disk (a CP made it so).
 
         base_seq is written before the generation, so a crash between the two leaves a log
         whose old records no longer verify (their seq no longer follows base_seq): they were
-        on disk already, so nothing acknowledged is lost.
+        on disk already, so nothing acknowledged is lost. A half taking over from the other
+        half starts at the other's `next_seq`, so sequence numbers run on across halves.
         """
-        _U64.pack_into(self.buf, F.OFF_BASE_SEQ, self.next_seq)
+        if next_seq is not None:
+            self.next_seq = next_seq
+        _U64.pack_into(self.buf, self.off_base, self.next_seq)
         self.generation += 1
-        _U64.pack_into(self.buf, F.OFF_GENERATION, self.generation)
+        _U64.pack_into(self.buf, self.off_gen, self.generation)
         self.tail = 0
         self.records = 0
-        _U64.pack_into(self.buf, F.OFF_TAIL, 0)
+        _U64.pack_into(self.buf, self.off_tail, 0)
         if self.track_spans:
-            self.spans.append((0, F.REGION_STRUCT.size))
+            self.spans.append((0, F.HALF_HEADER_END))
 
     def drain_spans(self) -> list[tuple[int, int]]:
         spans, self.spans = self.spans, []
         return spans
+
+
+class TwoHalfLog:
+    """The NVLog used in two halves: a CP flushes one while writes go to the other.
+
+    `switch()` (a CP starts) resets the free half as the continuation of the active one and
+    makes it active; `release()` (that CP committed) frees the other half again. A write that
+    does not fit the active half while the other is still being flushed must wait for that
+    CP: a stall, which the D-module counts.
+    """
+
+    def __init__(self, buf: mmap.mmap, track_spans: bool = False,
+                 compress: str | None = None) -> None:
+        self.halves = [NVLogWriter(buf, track_spans, compress, half=h) for h in (0, 1)]
+        self.active_half = 0
+        self.flushing: int | None = None
+
+    @property
+    def active(self) -> NVLogWriter:
+        return self.halves[self.active_half]
+
+    # what the D-module reads of a single log, for the active half
+    @property
+    def capacity(self) -> int:
+        return self.active.capacity
+
+    @property
+    def used(self) -> int:
+        return self.active.used
+
+    @property
+    def records(self) -> int:
+        return self.active.records
+
+    @property
+    def generation(self) -> int:
+        return self.active.generation
+
+    @property
+    def last_seq(self) -> int:
+        return self.active.last_seq
+
+    def used_total(self) -> int:
+        return sum(h.used for h in self.halves)
+
+    def fits(self, length: int) -> bool:
+        return self.active.fits(length)
+
+    def append(self, *args: object, **kw: object) -> int:
+        return self.active.append(*args, **kw)  # type: ignore[arg-type]
+
+    def can_switch(self) -> bool:
+        return self.flushing is None
+
+    def switch(self) -> int:
+        """A CP begins: the active half's records are what it flushes. Returns that half."""
+        if self.flushing is not None:
+            raise RuntimeError("both NVLog halves are in use: the previous CP has not finished")
+        old = self.active_half
+        new = 1 - old
+        self.halves[new].reset(next_seq=self.halves[old].next_seq)
+        self.active_half = new
+        self.flushing = old
+        return old
+
+    def release(self) -> None:
+        """The CP of the flushing half committed: its records are on disk."""
+        self.flushing = None
+
+    def drain_spans(self) -> list[tuple[int, int]]:
+        return self.halves[0].drain_spans() + self.halves[1].drain_spans()
+
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        return self.halves[0].spans + self.halves[1].spans
+
+    @property
+    def lz4_in(self) -> int:
+        return sum(h.lz4_in for h in self.halves)
+
+    @property
+    def lz4_out(self) -> int:
+        return sum(h.lz4_out for h in self.halves)

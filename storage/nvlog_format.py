@@ -53,6 +53,13 @@ import struct
 
 REGION_MAGIC = b"VMNVRAM1"
 REGION_VERSION = 1
+# Version 2: the log area is used in two halves (while a CP flushes one, writes go to the
+# other). Half 0 keeps the version-1 fields (generation, base_seq, tail at 32/40/48); half 1
+# has its own three at 56/64/72. Each half is capacity // 2 rounded down to 8 bytes; half 1
+# starts right after half 0.
+REGION_VERSION_HALVES = 2
+HALF_FIELDS = ((32, 40, 48), (56, 64, 72))  # (generation, base_seq, tail) per half
+HALF_HEADER_END = 80
 REGION_HEADER = 4096
 REGION_STRUCT = struct.Struct("<8sIIQQQQQ")  # magic, version, node, region_id, capacity, gen, base_seq, tail
 OFF_GENERATION = 32

@@ -76,6 +76,8 @@ def cli(ctx: click.Context, data_dir: str | None) -> None:
 @click.option("--raid", type=click.Choice(["raid4", "raid1", "none"]), default="raid4",
               show_default=True, help="RAID layout of each node's aggregate; none: the flat "
               "path (one LUN per disk, no file system).")
+@click.option("--nvlog-compress", type=click.Choice(["none", "lz4"]), default="none",
+              show_default=True, help="Store NVLog payloads lz4-compressed when that saves 1/8.")
 @click.option("--luns", default=2, show_default=True,
               help="LUNs lun0.. made in volume vol0 when an aggregate is first formatted.")
 @click.option("--grant-mode", type=click.Choice(["ro", "rw"]), default="ro", show_default=True)
@@ -92,13 +94,15 @@ def cli(ctx: click.Context, data_dir: str | None) -> None:
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for serving.")
 @click.pass_obj
 def up(obj: Ctx, nodes: int, topology: str, detach: bool, heartbeat_ms: int, heartbeat_misses: int,
-       nvram_mb: int, disks: int, disk_mb: int, raid: str, luns: int, grant_mode: str,
+       nvram_mb: int, disks: int, disk_mb: int, raid: str, nvlog_compress: str, luns: int,
+       grant_mode: str,
        ha_mode: str, giveback_delay: float, cp_interval: float, timeout: float,
        nbd_port: int = 10809, nbd_addr: str = "127.0.10.0") -> None:
     """Start a cluster (foreground with a live view; Ctrl-C stops it cleanly)."""
     cfg = ClusterConfig(nodes=nodes, topology=topology, heartbeat_ms=heartbeat_ms,
                         heartbeat_misses=heartbeat_misses, nvram_mb=nvram_mb, disks=disks,
                         disk_mb=disk_mb, raid=raid, luns=luns, grant_mode=grant_mode,
+                        nvlog_compress="" if nvlog_compress == "none" else nvlog_compress,
                         ha_mode=ha_mode, giveback_delay_s=giveback_delay,
                         cp_interval_s=cp_interval, nbd_port=nbd_port, nbd_addr_base=nbd_addr)
     t0 = time.monotonic()
@@ -161,11 +165,36 @@ def _age(v: float | None, unit: str = "s") -> str:
     return "-" if v is None else f"{v:.0f}ms" if unit == "ms" else f"{v:.1f}s"
 
 
+def _cp_cell(n: dict[str, Any]) -> str:
+    if n.get("last_cp_age_s") is None:
+        return "none yet"
+    cp = n.get("cp") or {}
+    text = f"{_age(n['last_cp_age_s'])} ago"
+    if cp:
+        text += f" · {cp.get('reason')} {cp.get('ms', 0):.0f}ms {cp.get('blocks', 0)} blk"
+    if n.get("cp_stalls"):
+        text += f" · [red]{n['cp_stalls']} stalls[/]"
+    return text
+
+
+def _raid_cell(n: dict[str, Any]) -> str:
+    raid = (n.get("storage") or {}).get("raid")
+    if not raid:
+        return "flat" if n.get("storage") else "-"
+    state = raid["state"]
+    color = {"normal": "green", "degraded": "yellow", "offline": "red"}.get(state, "")
+    text = f"{raid['layout']} [{color}]{state}[/]"
+    rb = raid.get("rebuild")
+    if rb and not rb.get("finished") and rb.get("total"):
+        text += f" rebuild {rb['disk']} {100 * rb['done'] / rb['total']:.0f}% {rb['rate_mbps']} MB/s"
+    return text
+
+
 def render_status(raw: dict[str, Any], caption: str = "") -> Table:
     t = Table(title=f"vmemu cluster {raw['cluster_id']} · {raw['config']['topology']}",
               caption=caption or None)
     for col in ("domain", "pid", "state", "partner", "takeover possible", "heartbeat age",
-                "NVLog used", "last CP", "identity served by", "serves"):
+                "NVLog half used", "last CP", "RAID", "identity served by", "serves"):
         t.add_column(col)
     for n in raw["nodes"]:
         used, cap = n.get("nvlog_used"), n.get("nvlog_capacity")
@@ -174,7 +203,7 @@ def render_status(raw: dict[str, Any], caption: str = "") -> Table:
         style = {"serving": "green", "down": "red", "up": "yellow", "booting": "cyan"}.get(state, "")
         t.add_row(n["name"], str(n["pid"] or "-"), f"[{style}]{state}[/]" if style else state,
                   n["partner"] or "-", "yes" if n["takeover_possible"] else "no",
-                  _age(n["heartbeat_age_ms"], "ms"), nv, (_age(n["last_cp_age_s"]) + " ago" if n["last_cp_age_s"] is not None else "none yet"),
+                  _age(n["heartbeat_age_ms"], "ms"), nv, _cp_cell(n), _raid_cell(n),
                   n["identity_served_by"] or "[red]nobody[/]", ",".join(n["serves"]) or "-")
     return t
 

@@ -26,6 +26,7 @@ class ClusterConfig:
     disk_mb: int = 1024  # sparse image files: only written blocks take space
     raid: str = "raid4"
     luns: int = 2  # LUNs lun0..lun{n-1} of volume vol0, made when an aggregate is first formatted
+    nvlog_compress: str = ""  # "lz4": NVLog payloads stored lz4-compressed when that saves 1/8
     lun_mb: int = 256  # their size (capped so that vol0 takes at most half of the aggregate)
     grant_mode: str = "ro"
     giveback_delay_s: float = 2.0  # negative: manual giveback only
@@ -52,6 +53,8 @@ class ClusterConfig:
             raise BadRequest("raid4 needs at least 2 disks per node (data and parity)")
         if self.raid == "raid1" and self.disks < 2:
             raise BadRequest("raid1 needs at least 2 disks per node (two mirrors)")
+        if self.nvlog_compress not in ("", "lz4"):
+            raise BadRequest(f"unknown NVLog compression {self.nvlog_compress!r}; choose lz4")
         if not 0 <= self.luns <= 64:
             raise BadRequest("default LUNs per node must be between 0 and 64")
         if self.grant_mode not in GRANT_MODES:

@@ -48,11 +48,12 @@ class Fds:
         self.maps.append(m)
         return m
 
-    def region(self, node: int, region_id: int, size: int = 1 << 20) -> tuple[int, mmap.mmap]:
-        """A formatted NVRAM region: (fd, read-write mapping)."""
+    def region(self, node: int, region_id: int, size: int = 1 << 20,
+               halves: bool = False) -> tuple[int, mmap.mmap]:
+        """A formatted NVRAM region: (fd, read-write mapping); the D-module's is in halves."""
         fd = self.memfd(size, f"node{node}-{region_id:x}")
         buf = self.map(shm.map_read_write(fd))
-        nvlog.format_region(buf, node, region_id)
+        nvlog.format_region(buf, node, region_id, halves=halves)
         return fd, buf
 
     def close(self) -> None:
