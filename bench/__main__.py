@@ -8,6 +8,15 @@ Figures (all measured in this run, on this machine):
   ha_modes     the same randwrite load in HA modes shm, mirror, none (and fio over NBD if exported)
   nbd_randwrite  fio over NBD: vmemu LUN vs nbdkit memory (skipped without fio/nbdkit/export)
   failover_timeline  client throughput through kill -9, takeover, restart, giveback (PNGs)
+  cp_mbps      WAFL consistency point on RAID-4 over disk files vs sequential pwrite of the same
+               disks (target: >= 0.5x)
+  raid_rebuild_mbps  RAID-4 rebuild of one member vs sequential pwrite into it (reported)
+  nvlog_lz4    NVLog with lz4 payloads on a mixed workload: ratio (target > 1), append and replay
+               MB/s vs the same log raw
+  fs_randwrite_iops  4k randwrite qd16 (fio over NBD, else vmemu load) on the storage OS (raid4)
+               beside the flat-LUN path (raid none): IOPS ratio (reported), CPs during the run,
+               cp_stalls (target: no write waits for a CP unless the NVLog is full; n/a without
+               the field)
   baseline     machine facts and a memcpy figure
 Targets are reported as pass/fail; the run does not fail on a missed target.
 """
@@ -21,13 +30,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench import (bus_overhead, failover_timeline, ha_modes_bench, nbd_bench, replay_bench,
-                   report, takeover_bench, up_bench)
+from bench import (bus_overhead, cp_bench, failover_timeline, fs_randwrite_bench, ha_modes_bench,
+                   nbd_bench, nvlog_lz4_bench, raid_rebuild_bench, replay_bench, report,
+                   takeover_bench, up_bench)
 from bench.common import MiB, log, machine_facts, memcpy_gbps, processes_mentioning, shm_entries
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 PARTS = ("replay", "takeover", "up", "bus_overhead", "ha_modes", "nbd_randwrite",
-         "failover_timeline")
+         "failover_timeline", "cp", "raid_rebuild", "nvlog_lz4", "fs_randwrite")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         "nbd_randwrite": ("nbd_randwrite", lambda: nbd_bench.run(args.quick)),
         "failover_timeline": ("failover_timeline",
                               lambda: failover_timeline.run(args.quick, args.out)),
+        "cp": ("cp_mbps", lambda: cp_bench.run(args.quick)),
+        "raid_rebuild": ("raid_rebuild_mbps", lambda: raid_rebuild_bench.run(args.quick)),
+        "nvlog_lz4": ("nvlog_lz4", lambda: nvlog_lz4_bench.run(args.quick)),
+        "fs_randwrite": ("fs_randwrite_iops", lambda: fs_randwrite_bench.run(args.quick)),
     }
     for part in parts:
         key, fn = runners[part]

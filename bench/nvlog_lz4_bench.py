@@ -8,7 +8,8 @@ region (``mmap.mmap(-1, size)``, a 64 MiB log) until the log is full, once by an
   because lz4 saved under 1/8 count at 1:1); ``log_ratio``: records_per_log_lz4 /
   records_per_log_raw, i.e. with the 64-byte record header and padding counted.
 * ``mbps`` / ``raw_mbps``: append throughput, MB/s (1e6) of logical payload, best of reps
-  of filling the whole log (the crc, the copy into the region, and for lz4 the compression).
+  of filling the whole log (the crc, the copy into the region, and for lz4 the compression);
+  ``mbps_vs_raw`` = mbps / raw_mbps.
 * ``replay_mbps_lz4`` / ``replay_mbps_raw``: the domain's takeover path, scan + plan +
   write_plan (pwrite) of each full log into fresh sparse files (on /dev/shm if present); and
   ``replay_mem_mbps_*``: ``replay_region`` into in-memory disks. MB/s of logical bytes
@@ -193,6 +194,7 @@ def run(quick: bool) -> dict[str, Any]:
         out[f"append_us_{name}"] = round(best / w.records * 1e6, 3)
         log(f"nvlog_lz4: {name}: {w.records} records, {out[key]} MB/s")
     lz = filled["lz4"]
+    out["mbps_vs_raw"] = round(out["mbps"] / out["raw_mbps"], 3) if out["raw_mbps"] else None
     out["ratio"] = round(lz.lz4_in / lz.lz4_out, 3) if lz.lz4_out else 1.0
     out["log_ratio"] = round(out["records_per_log_lz4"] / out["records_per_log_raw"], 3)
     out["compressed_share"] = round(lz.lz4_records / lz.records, 3)

@@ -22,6 +22,20 @@ TARGETS: list[tuple[str, str, tuple[str, ...], str, float, str]] = [
      "x"),
     ("nbd_vs_nbdkit", "NBD: vmemu / nbdkit memory IOPS", ("nbd_randwrite", "ratio"), ">=", 0.25,
      "x"),
+    # Storage OS: a CP moves user data at >= half the disks' sequential-write speed (same run).
+    ("cp_vs_seq", "CP / sequential write MB/s", ("cp_mbps", "ratio"), ">=", 0.5, "x"),
+    # lz4 in the NVLog has to store fewer bytes than it is given on the mixed workload.
+    ("nvlog_lz4_ratio", "NVLog lz4: logical / stored bytes", ("nvlog_lz4", "ratio"), ">", 1.0,
+     "x"),
+]
+
+# Figures reported beside the targets without a pass/fail: (key, label, path, unit).
+REPORTED: list[tuple[str, str, tuple[str, ...], str]] = [
+    ("raid_rebuild_vs_seq", "RAID rebuild / sequential write MB/s",
+     ("raid_rebuild_mbps", "ratio"), "x"),
+    ("nvlog_lz4_vs_raw", "NVLog append lz4 / raw MB/s", ("nvlog_lz4", "mbps_vs_raw"), "x"),
+    ("fs_vs_flat", "fs randwrite: storage OS / flat LUN IOPS", ("fs_randwrite_iops", "ratio"),
+     "x"),
 ]
 
 
@@ -34,14 +48,62 @@ def _get(results: dict[str, Any], path: tuple[str, ...]) -> Any:
     return cur
 
 
+def _ratio(a: Any, b: Any) -> float | None:
+    ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and b
+    return round(a / b, 3) if ok else None
+
+
+_OPS = {">=": lambda v, t: v >= t, ">": lambda v, t: v > t, "<": lambda v, t: v < t,
+        "<=": lambda v, t: v <= t, "==": lambda v, t: v == t}
+
+
 def evaluate(results: dict[str, Any]) -> dict[str, Any]:
-    out = {}
+    """{key: {label, value, target, pass}}; pass is None when the figure is missing (and then
+    "na" says why, where there is something to say) or for a figure that is only reported."""
+    out: dict[str, Any] = {}
     for key, label, path, op, target, unit in TARGETS:
         v = _get(results, path)
-        ok = None if v is None else (v >= target if op == ">=" else v < target)
+        ok = None if not isinstance(v, (int, float)) else bool(_OPS[op](v, target))
         out[key] = {"label": label, "value": v, "target": f"{op} {target:g} {unit}".strip(),
                     "pass": ok}
+    for key, label, path, unit in REPORTED:
+        v = _get(results, path)
+        if v is None and key == "nvlog_lz4_vs_raw":  # results written before the field existed
+            lz = results.get("nvlog_lz4") or {}
+            v = _ratio(lz.get("mbps"), lz.get("raw_mbps"))
+        out[key] = {"label": label, "value": v, "target": "reported", "unit": unit, "pass": None}
+    if isinstance(results.get("fs_randwrite_iops"), dict):
+        out["cp_no_stall"] = cp_no_stall(results["fs_randwrite_iops"])
     return out
+
+
+def cp_no_stall(fr: dict[str, Any]) -> dict[str, Any]:
+    """No write waits for a CP unless both NVLog halves are full.
+
+    Per cluster of the fs_randwrite part (the storage OS: top level; the flat path: "flat"):
+    `cp_stalls` (writes that waited for a CP, from `vmemu status`) and `nvlog_full` (the log
+    filled up during the run: a CP of reason "log_full"). Stalls count against the target only
+    on a cluster whose log never filled; with no stall figure at all the verdict is n/a.
+    """
+    sides = {"fs": fr, "flat": fr.get("flat") if isinstance(fr.get("flat"), dict) else {}}
+    counted, excused, seen = 0, 0, []
+    for name, side in sides.items():
+        stalls = side.get("cp_stalls")
+        if not isinstance(stalls, int):
+            continue
+        seen.append(name)
+        if side.get("nvlog_full"):
+            excused += stalls
+        else:
+            counted += stalls
+    res: dict[str, Any] = {"label": "no write stall during a CP (NVLog not full)",
+                           "target": "== 0 stalls", "value": counted if seen else None,
+                           "sides": seen, "excused_log_full": excused}
+    if seen:
+        res["pass"] = counted == 0
+    else:
+        res.update({"pass": None, "na": "no cp_stalls in the status"})
+    return res
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -58,8 +120,11 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     ev = results.get("targets", {})
 
     def verdict(key: str) -> str:
-        p = ev.get(key, {}).get("pass")
-        return "-" if p is None else ("PASS" if p else "FAIL")
+        e = ev.get(key, {})
+        p = e.get("pass")
+        if p is None:
+            return "n/a" if e.get("na") else "-"
+        return "PASS" if p else "FAIL"
 
     def target(key: str) -> str:
         return ev.get(key, {}).get("target", "")
@@ -105,6 +170,7 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             ("up --nodes 4 warm (s)", _fmt(up.get("warm")), target("up_warm"), verdict("up_warm")),
         ]
     out += _new_rows(r, target, verdict)
+    out += _storage_rows(r, target, verdict)
     base = r.get("baseline") or {}
     if base:
         out.append(("baseline memcpy 64 MiB (GB/s)", _fmt(base.get("memcpy_gbps")), "", ""))
@@ -180,6 +246,69 @@ def _new_rows(r: dict[str, Any], target: Any, verdict: Any) -> list[tuple[str, s
     return out
 
 
+def _storage_rows(r: dict[str, Any], target: Any, verdict: Any) -> list[tuple[str, str, str, str]]:
+    """Rows of cp, raid_rebuild, nvlog_lz4 and fs_randwrite."""
+    out: list[tuple[str, str, str, str]] = []
+    ev = r.get("targets") or {}
+    cp = r.get("cp_mbps") or {}
+    if cp:
+        out += [
+            (f"CP: WAFL on RAID-4, {cp.get('mib')} MiB random 4k / seq write (MB/s)",
+             f"{_fmt(cp.get('cp_mbps'))} / {_fmt(cp.get('baseline_seq_mbps'))}", "", ""),
+            ("CP / sequential write", _fmt(cp.get("ratio")), target("cp_vs_seq"),
+             verdict("cp_vs_seq")),
+        ]
+    rb = r.get("raid_rebuild_mbps") or {}
+    if rb:
+        out += [
+            (f"RAID-4 rebuild, {_fmt(rb.get('mib'))} MiB member / seq write (MB/s)",
+             f"{_fmt(rb.get('raid_rebuild_mbps'))} / {_fmt(rb.get('baseline_seq_mbps'))}", "", ""),
+            ("RAID rebuild / sequential write", _fmt(rb.get("ratio")), "reported", ""),
+        ]
+    lz = r.get("nvlog_lz4") or {}
+    if lz:
+        out += [
+            ("NVLog lz4: logical / stored payload bytes", _fmt(lz.get("ratio")),
+             target("nvlog_lz4_ratio"), verdict("nvlog_lz4_ratio")),
+            ("NVLog append lz4 / raw (MB/s), ratio",
+             f"{_fmt(lz.get('mbps'))} / {_fmt(lz.get('raw_mbps'))}, "
+             f"{_fmt(ev.get('nvlog_lz4_vs_raw', {}).get('value'))}",
+             "reported", ""),
+            ("NVLog replay to files lz4 / raw (MB/s)",
+             f"{_fmt(lz.get('replay_mbps_lz4'))} / {_fmt(lz.get('replay_mbps_raw'))}", "", ""),
+        ]
+    fr = r.get("fs_randwrite_iops") or {}
+    if fr:
+        tool = fr.get("tool")
+        out += [
+            (f"fs randwrite ({tool}): storage OS IOPS, p50/p99/max us",
+             f"{_fmt(fr.get('fs_iops'))}, {_fmt(fr.get('fs_p50_us'))} / "
+             f"{_fmt(fr.get('fs_p99_us'))} / {_fmt(fr.get('fs_max_us'))}", "", ""),
+            (f"fs randwrite ({tool}): flat LUN IOPS, p50/p99/max us",
+             f"{_fmt(fr.get('flat_iops'))}, {_fmt(fr.get('flat_p50_us'))} / "
+             f"{_fmt(fr.get('flat_p99_us'))} / {_fmt(fr.get('flat_max_us'))}", "", ""),
+            ("fs randwrite: storage OS / flat LUN IOPS", _fmt(fr.get("ratio")), "reported", ""),
+        ]
+        for name, side in (("storage OS", fr.get("fs") or {}), ("flat", fr.get("flat") or {})):
+            if not side:
+                continue
+            reasons = ", ".join(f"{k} {v}" for k, v in (side.get("cp_reasons") or {}).items())
+            out.append((f"  {name}: CPs (reasons), max/median ms, max blocks",
+                        f"{_fmt(side.get('cp_count'))} ({reasons or '-'}), "
+                        f"{_fmt(side.get('cp_ms_max'))} / {_fmt(side.get('cp_ms_median'))}, "
+                        f"{_fmt(side.get('cp_blocks_max'))}", "", ""))
+            out.append((f"  {name}: cp_stalls, log full, longest gap ms (in a CP)",
+                        f"{_fmt(side.get('cp_stalls'))}, "
+                        f"{'yes' if side.get('nvlog_full') else 'no'}, "
+                        f"{_fmt(side.get('gap_ms'))} ({_fmt(side.get('gap_in_cp_ms'))})", "", ""))
+        ns = ev.get("cp_no_stall") or {}
+        out.append(("no write stall in a CP unless NVLog full (stalls)",
+                    _fmt(ns.get("value")) if ns.get("value") is not None else
+                    f"n/a: {ns.get('na') or 'no figure'}",
+                    target("cp_no_stall"), verdict("cp_no_stall")))
+    return out
+
+
 def table(results: dict[str, Any]) -> str:
     head = ("figure", "value", "target", "")
     data = [head] + rows(results)
@@ -227,6 +356,17 @@ def markdown(results: dict[str, Any]) -> str:
     ha = results.get("ha_modes") or {}
     if ha.get("method"):
         notes.append(f"- HA modes: {ha['method']}.")
+    cp = results.get("cp_mbps") or {}
+    if cp:
+        notes.append(f"- CP: {cp.get('mib')} MiB of random 4 KiB blocks committed by one WAFL CP "
+                     f"on RAID-4 (3+1 disk files), best of reps, {cp.get('cp_ms')} ms; MB/s of "
+                     f"user data, so parity and metadata are the CP's overhead. Baseline: 1 MiB "
+                     f"pwrites + fdatasync of the same bytes to the same files.")
+    fr = results.get("fs_randwrite_iops") or {}
+    if fr.get("method"):
+        notes.append(f"- fs randwrite: {fr['method']}; tool {fr.get('tool')}. The longest "
+                     f"no-completion gap is the client's view of a stall (fio's per-I/O log, "
+                     f"aligned to the CP events by fio's job start).")
     if results.get("errors"):
         notes.append(f"- Errors: {results['errors']}")
     if notes:

@@ -75,3 +75,88 @@ def test_report_rows_for_new_parts():
     assert results["targets"]["nbd_vs_nbdkit"]["pass"] is None
     text = report.table(results)
     assert "vmemu / bare" in text and "skipped: no fio" in text and "30 / 50" in text
+
+
+def _storage_results(**fr_over):
+    fr = {"fs_iops": 9000.0, "flat_iops": 6000.0, "ratio": 1.5, "tool": "fio",
+          "cp_stalls": 0, "nvlog_full": False, "cp_count": 4,
+          "fs": {"cp_count": 4, "cp_reasons": {"log_half_full": 4}, "cp_stalls": 0},
+          "flat": {"cp_count": 3, "cp_stalls": 0, "nvlog_full": False}}
+    fr.update(fr_over)
+    return {"cp_mbps": {"cp_mbps": 120.0, "baseline_seq_mbps": 200.0, "ratio": 0.6, "mib": 16},
+            "raid_rebuild_mbps": {"raid_rebuild_mbps": 300.0, "baseline_seq_mbps": 600.0,
+                                  "ratio": 0.5, "mib": 16},
+            "nvlog_lz4": {"ratio": 2.3, "mbps": 300.0, "raw_mbps": 600.0},
+            "fs_randwrite_iops": fr}
+
+
+def test_evaluate_storage_targets():
+    r = _storage_results()
+    ev = report.evaluate(r)
+    assert ev["cp_vs_seq"]["pass"] is True and ev["cp_vs_seq"]["target"] == ">= 0.5 x"
+    assert ev["nvlog_lz4_ratio"]["pass"] is True and ev["nvlog_lz4_ratio"]["target"] == "> 1 x"
+    # reported, never judged
+    assert ev["raid_rebuild_vs_seq"] == {"label": ev["raid_rebuild_vs_seq"]["label"], "value": 0.5,
+                                         "target": "reported", "unit": "x", "pass": None}
+    assert ev["fs_vs_flat"]["value"] == 1.5 and ev["fs_vs_flat"]["pass"] is None
+    assert ev["nvlog_lz4_vs_raw"]["value"] == 0.5  # derived when the part did not store it
+    assert ev["cp_no_stall"]["pass"] is True and ev["cp_no_stall"]["value"] == 0
+
+    r["cp_mbps"]["ratio"] = 0.49
+    r["nvlog_lz4"]["ratio"] = 1.0  # strictly more than 1
+    ev = report.evaluate(r)
+    assert ev["cp_vs_seq"]["pass"] is False and ev["nvlog_lz4_ratio"]["pass"] is False
+
+
+def test_evaluate_storage_targets_missing_parts():
+    ev = report.evaluate({"cp_mbps": {"cp_mbps": 1.0}})  # no ratio: no verdict, no crash
+    assert ev["cp_vs_seq"]["pass"] is None and ev["nvlog_lz4_ratio"]["pass"] is None
+    assert ev["fs_vs_flat"]["value"] is None
+    assert "cp_no_stall" not in ev  # the fs_randwrite part did not run
+
+
+def test_cp_no_stall_verdicts():
+    # stalls while the log never filled: FAIL, on either cluster
+    ev = report.evaluate(_storage_results(cp_stalls=3))
+    assert ev["cp_no_stall"]["pass"] is False and ev["cp_no_stall"]["value"] == 3
+    ev = report.evaluate(_storage_results(flat={"cp_stalls": 2, "nvlog_full": False}))
+    assert ev["cp_no_stall"]["pass"] is False and ev["cp_no_stall"]["value"] == 2
+    # stalls while the NVLog was full are allowed
+    ev = report.evaluate(_storage_results(cp_stalls=5, nvlog_full=True))
+    assert ev["cp_no_stall"]["pass"] is True and ev["cp_no_stall"]["excused_log_full"] == 5
+    # no stall figure anywhere (status without cp_stalls): n/a, not a failure
+    r = _storage_results(cp_stalls=None, flat={"cp_stalls": None})
+    r["targets"] = report.evaluate(r)
+    assert r["targets"]["cp_no_stall"]["pass"] is None and r["targets"]["cp_no_stall"]["na"]
+    text = report.table(r)
+    row = next(l for l in text.splitlines() if l.startswith("no write stall"))
+    assert "n/a" in row and "FAIL" not in row
+    md = report.markdown(r)
+    assert "| reported |" in md and "n/a" in md
+
+
+def test_fs_randwrite_helpers():
+    from bench import fs_randwrite_bench as fr
+
+    assert fr.lun_size({"kind": "wafl", "luns": [[1, "lun1", 7], [0, "lun0", 180355072]]}) \
+        == 180355072
+    assert fr.lun_size(None) is None and fr.lun_size({"luns": []}) is None
+    done = [0.0, 0.01, 0.02, 0.30, 0.31, 1.0]
+    assert fr.longest_gap_ms(done, 0.0, 1.0) == 690.0
+    # only gaps that overlap a CP window count
+    assert fr.longest_gap_ms(done, 0.0, 1.0, [(0.05, 0.1)]) == 280.0
+    assert fr.longest_gap_ms(done, 0.0, 1.0, []) == 0.0
+    ev = [{"kind": "cp", "node": "node1", "mono": 10.0, "ms": 100.0, "blocks": 50,
+           "reason": "log_half_full", "background": True},
+          {"kind": "cp", "node": "node1", "mono": 11.0, "ms": 300.0, "blocks": 70,
+           "reason": "log_full"},
+          {"kind": "cp", "node": "node2", "mono": 11.0, "ms": 900.0, "blocks": 90,
+           "reason": "timer"},
+          {"kind": "cp", "node": "node1", "mono": 30.0, "ms": 900.0, "blocks": 90,
+           "reason": "timer"},
+          {"kind": "assign", "node": "node1", "mono": 10.5}]
+    s = fr.cp_summary(ev, 9.0, 12.0)
+    assert s["cp_count"] == 2 and s["cp_ms_max"] == 300.0 and s["cp_blocks_max"] == 70
+    assert s["cp_reasons"] == {"log_half_full": 1, "log_full": 1} and s["nvlog_full"] is True
+    assert s["windows"] == [(10.0, 10.1), (11.0, 11.3)] and s["cp_background"] == 1
+    assert fr.cp_summary([], 0.0, 1.0)["cp_ms_max"] is None
