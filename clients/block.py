@@ -178,6 +178,14 @@ class BlockClient:
     def flush(self, lun: int) -> None:
         self.call("flush", {"lun": lun})
 
+    # By LUN path ("volume/lun"): any node's endpoint serves any volume (the N-module looks
+    # the volume up in the VLDB and forwards to the domain that serves it).
+    def read_path(self, path: str, offset: int, length: int) -> bytes:
+        return self.call("read", {"path": path, "offset": offset, "length": length})
+
+    def write_path(self, path: str, offset: int, data: bytes) -> int:
+        return self.call("write", {"path": path, "offset": offset, "data": data})["seq"]
+
     def close(self) -> None:
         self.sock.disable_monitor()
         self.monitor.close(0)

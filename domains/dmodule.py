@@ -29,7 +29,8 @@ from storage.blockcache import BlockCache
 from storage.disk import HEADER as DISK_HEADER
 from storage.disk import Disk
 from storage.nvlog import TwoHalfLog, region_logs
-from vmemu.errors import BadRequest, LogFull, UnknownLun, VmemuError
+from storage.raid.errors import RaidOffline
+from vmemu.errors import BadRequest, InvalidState, LogFull, UnknownLun, VmemuError
 
 try:
     from storage.nvlog import record_payload
@@ -159,6 +160,10 @@ class DModule:
 
     def lun(self, identity: int, index: int) -> LunHandle:
         served = self.served_or_raise(identity)
+        why = served.store.unusable()
+        if why is not None:  # never acknowledge a write that cannot reach a disk
+            # Not "unavailable": clients retry that (a takeover is brief); this is not brief.
+            raise RaidOffline(why) if "offline" in why else InvalidState(why)
         for h in served.handles:
             if h.index == index:
                 return h
@@ -249,7 +254,10 @@ class DModule:
         last_seq = self.log.last_seq
         if switched:
             self.log.switch()
-        frozen = [(s, s.cache.freeze(), dict(s.replayed)) for s in self.served.values()]
+        # An aggregate that can take no I/O (offline RAID) is left out: its cached writes stay
+        # cached (and reported), and the other identities' CPs go on.
+        frozen = [(s, s.cache.freeze(), dict(s.replayed)) for s in self.served.values()
+                  if s.store.unusable() is None]
         if switched:
             self._carry_dedup()  # the new half starts with the exactly-once table
             self._replicate()
@@ -271,6 +279,13 @@ class DModule:
                 st = served.store.commit(blks, snap)
                 blocks += st["blocks"]
                 written += st.get("written", st["blocks"])
+            # Then record (durably: fdatasync) what the disks now hold from each log. Here,
+            # not on the main thread, so the syncs never hold up a write.
+            for served, _, replayed in job.frozen:
+                applied = served.store.applied()
+                applied.update(replayed)
+                applied[self.region_id] = job.last_seq
+                served.store.set_applied(applied)
             job.result = {"blocks": blocks, "written": written}
         except BaseException as exc:  # handed to the main thread by poll_cp
             job.error = exc
@@ -294,10 +309,6 @@ class DModule:
                                     "region": self.region_id}, job.t0)
             raise job.error
         for served, _, replayed in job.frozen:
-            applied = served.store.applied()
-            applied.update(replayed)
-            applied[self.region_id] = job.last_seq
-            served.store.set_applied(applied)
             served.cache.thaw()
             served.store.refresh_view()
             for r, seq in replayed.items():

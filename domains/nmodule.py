@@ -11,6 +11,14 @@ Block protocol, carried in bus frames (vmemu.bus.codec):
     read  {lun, offset, length}                         -> bytes
     write {lun, offset, data, client}   (id = request)  -> {seq}
     flush {lun}                                         -> {}
+
+Instead of `lun` (an index of the identity the endpoint belongs to), a request may name
+`path` = "volume/lun": then any node's endpoint serves any volume. The N-module looks the
+volume up in the VLDB (its domain's RDB replica, cached until the RDB changes) and forwards
+through the CF path: a local call when its own domain serves the owning identity, else a bus
+RPC to that identity's endpoint (whoever serves it: after a takeover, the partner). A
+forwarded request carries the original request id, so exactly-once holds across the hop, and
+is never forwarded twice.
 """
 
 from __future__ import annotations
@@ -23,19 +31,65 @@ import zmq
 from domains.dmodule import DModule
 from vmemu import datadir
 from vmemu.bus import codec
-from vmemu.bus.rpc import RpcServer
-from vmemu.errors import BadRequest, VmemuError
+from vmemu.bus.rpc import AsyncRpcClient, RpcServer
+from vmemu.errors import BadRequest, UnknownLun, VmemuError
+
+FORWARD_TIMEOUT_S = 10.0  # a forwarded request outlives a takeover of the owning identity
+
+
+class Forward(Exception):
+    """The request belongs to a volume another domain serves: send it on to `owner`."""
+
+    def __init__(self, owner: int) -> None:
+        self.owner = owner
 
 
 class BlockProtocol:
     """Turns one decoded request into a D-module call; knows nothing about sockets."""
 
-    def __init__(self, dmodule: DModule, node: int) -> None:
+    def __init__(self, dmodule: DModule, node: int,
+                 vldb: Callable[[str], int] | None = None) -> None:
         self.d = dmodule
         self.node = node
+        self.vldb = vldb
+        self._vldb_cache: dict[str, int] = {}
+
+    def invalidate_vldb(self) -> None:
+        self._vldb_cache.clear()
+
+    def owner_of(self, volume: str) -> int:
+        owner = self._vldb_cache.get(volume)
+        if owner is None:
+            if self.vldb is None:
+                raise BadRequest("this endpoint takes LUN indexes only")
+            owner = self._vldb_cache[volume] = self.vldb(volume)
+        return owner
+
+    def resolve(self, identity: int, req: codec.Request) -> tuple[int, int]:
+        """(identity, lun index) a request is for; Forward if another domain serves it."""
+        path = req.args.get("path")
+        if path is None:
+            return identity, codec.arg(req, "lun", int)
+        if not isinstance(path, str) or path.count("/") != 1:
+            raise BadRequest(f"LUN path {path!r} must be VOLUME/LUN")
+        volume = path.split("/")[0]
+        owner = identity if volume == "vol0" else self.owner_of(volume)
+        served = self.d.served.get(owner)
+        if served is None:
+            if req.args.get("forwarded"):
+                raise BadRequest(f"{path}: forwarded to node{self.node}, which does not serve "
+                                 f"node{owner} (the VLDB changed under the request; retry)")
+            raise Forward(owner)
+        for h in served.luns:
+            if h.name == path:
+                return owner, h.index
+        raise UnknownLun(f"no LUN {path} on node{owner}")
 
     def handle(self, identity: int, req: codec.Request) -> Any:
         op = req.op
+        if op in ("write", "read", "flush") and "path" in req.args:
+            identity, lun_index = self.resolve(identity, req)
+            req = codec.Request(req.id, op, dict(req.args, lun=lun_index))
         if op == "write":
             lun = codec.arg(req, "lun", int)
             offset = codec.arg(req, "offset", int)
@@ -43,7 +97,8 @@ class BlockProtocol:
             client = codec.arg(req, "client", int, 0)
             if not 0 <= client < 2**63:
                 raise BadRequest("write: client id out of range")
-            return {"seq": self.d.write(identity, lun, offset, data, client, req.id)}
+            request = codec.arg(req, "request", int, req.id)  # the original id, if forwarded
+            return {"seq": self.d.write(identity, lun, offset, data, client, request)}
         if op == "read":
             lun = codec.arg(req, "lun", int)
             return self.d.read(identity, lun, codec.arg(req, "offset", int),
@@ -60,10 +115,13 @@ class BlockProtocol:
 
 class NModule:
     def __init__(self, ctx: zmq.Context, cluster_id: str, dmodule: DModule, node: int,
-                 on_first_request: Callable[[int, float], None]) -> None:
+                 on_first_request: Callable[[int, float], None],
+                 vldb: Callable[[str], int] | None = None) -> None:
         self.ctx = ctx
         self.cluster_id = cluster_id
-        self.protocol = BlockProtocol(dmodule, node)
+        self.protocol = BlockProtocol(dmodule, node, vldb)
+        self.forwarders: dict[int, AsyncRpcClient] = {}
+        self.forwarded = 0
         self.listeners: dict[int, RpcServer] = {}
         self.on_first_request = on_first_request
         self.first_pending: set[int] = set()
@@ -105,12 +163,48 @@ class NModule:
                 continue
             try:
                 result = self.protocol.handle(identity, inc.request)
+            except Forward as fwd:
+                self._forward(srv, inc, fwd.owner)
+                continue
             except VmemuError as exc:
                 self.errors += 1
                 srv.reply_error(inc.peer, inc.request.id, exc)
                 continue
             srv.reply(inc.peer, inc.request.id, result)
             self.note_served(identity)
+
+    # -- CF forwarding to the domain serving another identity ------------------------------------
+    def invalidate_vldb(self) -> None:
+        self.protocol.invalidate_vldb()
+
+    def _forward(self, srv: RpcServer, inc: Any, owner: int) -> None:
+        fwd = self.forwarders.get(owner)
+        if fwd is None:
+            fwd = self.forwarders[owner] = AsyncRpcClient(
+                self.ctx, datadir.identity_endpoint(self.cluster_id, owner))
+        req = inc.request
+        args = dict(req.args, forwarded=True, request=req.args.get("request", req.id))
+        self.forwarded += 1
+
+        def done(res: Any, err: VmemuError | None) -> None:
+            if err is not None:
+                srv.reply_error(inc.peer, req.id, err)
+            else:
+                srv.reply(inc.peer, req.id, res)
+
+        fwd.call(req.op, args, FORWARD_TIMEOUT_S, done)
+
+    def forward_sockets(self) -> dict[zmq.Socket, int]:
+        return {f.sock: owner for owner, f in self.forwarders.items()}
+
+    def forward_replies(self, owner: int) -> None:
+        f = self.forwarders.get(owner)
+        if f is not None:
+            f.on_readable()
+
+    def expire(self, now: float) -> None:
+        for f in self.forwarders.values():
+            f.expire(now)
 
     def note_served(self, identity: int) -> None:
         """A request of `identity` was answered, by this transport or NBD's
@@ -122,3 +216,6 @@ class NModule:
     def close(self) -> None:
         for ident in list(self.listeners):
             self.unbind(ident)
+        for f in self.forwarders.values():
+            f.close()
+        self.forwarders.clear()

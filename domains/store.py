@@ -109,6 +109,9 @@ class FlatStore:
         for disk in self.disks:
             disk.check_epoch()
 
+    def unusable(self) -> str | None:
+        return None
+
     def write_through(self, index: int, offset: int, data: bytes) -> None:
         disk = self.disk_of(index)
         disk.write(offset, data)
@@ -159,6 +162,9 @@ class FsStore:
 
     def check_epoch(self) -> None:
         self.aggr.check_epoch()
+
+    def unusable(self) -> str | None:
+        return self.aggr.unusable()
 
     def status(self) -> dict[str, Any]:
         a = self.aggr

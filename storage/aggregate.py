@@ -86,6 +86,10 @@ class Aggregate:
         self._rd = _Reader(self.dev)
         self.refresh_view()
         self.last_rebuild: dict[str, Any] = {}
+        self._rebuild_t0 = time.monotonic()
+        if group.rebuild_member is not None:  # a rebuild resumed at open (from stripe 0)
+            self.last_rebuild = {"disk": f"d{group.rebuild_member}", "started": time.time(),
+                                 "done": 0, "total": group.stripes, "rate_mbps": 0.0}
 
     # -- open / format -----------------------------------------------------------------------
     @classmethod
@@ -430,6 +434,17 @@ class Aggregate:
     def check_epoch(self) -> None:
         for disk in self.disks:
             disk.check_epoch()
+
+    def unusable(self) -> str | None:
+        """Why the aggregate can take no I/O (None while it can)."""
+        if self.group.offline:
+            failed = [f"d{m}" for m, st in enumerate(self.group.state) if st is not MemberState.OK]
+            return (f"the {self.group.layout.value} aggregate of node{self.identity} is offline: "
+                    f"disks {', '.join(failed)} failed, more than it survives")
+        if self.fs._dead:
+            return (f"the file system of node{self.identity} stopped after a failed "
+                    "consistency point")
+        return None
 
 
 def _h(n: int) -> str:

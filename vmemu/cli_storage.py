@@ -50,7 +50,13 @@ def _disk_index(disk: str) -> int:
 
 def manage(obj: Any, what: str, timeout: float = 60.0, **args: Any) -> Any:
     ctl = obj.control()
+    args = {k: v for k, v in args.items() if v is not None}  # an option left out
     return ctl.call("manage", dict(args, what=what, timeout=timeout), timeout=timeout + 5)
+
+
+NODE_OPT = click.option("--node", default=None,
+                        help="The node whose volume is meant (needed for a root volume vol0, "
+                             "which every node has; other volumes are found in the VLDB).")
 
 
 def register(cli: click.Group) -> None:
@@ -99,13 +105,14 @@ def register(cli: click.Group) -> None:
     @lun_group.command("create")  # type: ignore[attr-defined]
     @click.argument("path")
     @click.option("--size", required=True, help="LUN size, e.g. 512M.")
+    @NODE_OPT
     @click.pass_obj
-    def lun_create(obj: Any, path: str, size: str) -> None:
+    def lun_create(obj: Any, path: str, size: str, node: str | None) -> None:
         """Create a LUN (a file in a volume): VOLUME/LUN."""
         if path.count("/") != 1:
             raise BadRequest(f"LUN {path!r} must be named VOLUME/LUN, e.g. vol1/lun0")
         vol, name = path.split("/")
-        res = manage(obj, "lun_create", volume=vol, name=name, size=parse_size(size))
+        res = manage(obj, "lun_create", volume=vol, name=name, size=parse_size(size), node=node)
         click.echo(f"vmemu: LUN {res['path']} ({human(res['size'])}) created, index "
                    f"{res['index']} (NBD export {res['path']} or lun{res['index']})")
 
@@ -116,10 +123,11 @@ def register(cli: click.Group) -> None:
     @snapshot.command("create")
     @click.argument("volume")
     @click.argument("name")
+    @NODE_OPT
     @click.pass_obj
-    def snapshot_create(obj: Any, volume: str, name: str) -> None:
+    def snapshot_create(obj: Any, volume: str, name: str, node: str | None) -> None:
         """Take a snapshot (a consistency point holding every acknowledged write)."""
-        res = manage(obj, "snapshot_create", volume=volume, name=name)
+        res = manage(obj, "snapshot_create", volume=volume, name=name, node=node)
         cp = res["cp"]
         click.echo(f"vmemu: snapshot {volume}@{name} taken (CP of {cp['blocks']} blocks in "
                    f"{cp['ms']:.1f} ms)")
@@ -127,9 +135,10 @@ def register(cli: click.Group) -> None:
     @snapshot.command("list")
     @click.argument("volume")
     @click.option("--json", "as_json", is_flag=True)
+    @NODE_OPT
     @click.pass_obj
-    def snapshot_list(obj: Any, volume: str, as_json: bool) -> None:
-        rows = manage(obj, "snapshot_list", volume=volume)
+    def snapshot_list(obj: Any, volume: str, as_json: bool, node: str | None) -> None:
+        rows = manage(obj, "snapshot_list", volume=volume, node=node)
         if as_json:
             click.echo(json.dumps(rows, indent=2))
             return
@@ -140,9 +149,10 @@ def register(cli: click.Group) -> None:
     @snapshot.command("delete")
     @click.argument("volume")
     @click.argument("name")
+    @NODE_OPT
     @click.pass_obj
-    def snapshot_delete(obj: Any, volume: str, name: str) -> None:
-        manage(obj, "snapshot_delete", volume=volume, name=name)
+    def snapshot_delete(obj: Any, volume: str, name: str, node: str | None) -> None:
+        manage(obj, "snapshot_delete", volume=volume, name=name, node=node)
         click.echo(f"vmemu: snapshot {volume}@{name} deleted")
 
     @cli.command("cp")
