@@ -57,6 +57,7 @@ class Served:
     replayed: dict[int, int] = field(default_factory=dict)  # region -> last seq replayed
     first_request_pending: bool = False
     handles: list[LunHandle] = field(default_factory=list)
+    read_errors_seen: dict[str, int] = field(default_factory=dict)
 
     @property
     def luns(self) -> list[LunHandle]:
@@ -196,9 +197,25 @@ class DModule:
 
     def read(self, identity: int, lun_index: int, offset: int, length: int) -> bytes:
         self.lun(identity, lun_index).check(offset, length)
-        data = self.served[identity].cache.read(lun_index, offset, length)
+        served = self.served[identity]
+        try:
+            data = served.cache.read(lun_index, offset, length)
+        finally:
+            self._note_read_errors(served)
         self.ops += 1
         return data
+
+    def _note_read_errors(self, served: Served) -> None:
+        """A read met a corrupt block (repaired from RAID, or not): say so in the events."""
+        store = served.store
+        if not isinstance(store, FsStore):
+            return
+        now = dict(store.aggr.group.read_errors)
+        if now != served.read_errors_seen:
+            new = {k: now[k] - served.read_errors_seen.get(k, 0) for k in now}
+            served.read_errors_seen = now
+            self.emit("read_errors", {"identity": served.identity,
+                                      **{k: v for k, v in new.items() if v}}, time.monotonic())
 
     def flush(self, identity: int, lun_index: int) -> None:
         # An acknowledged write is already on stable storage: the NVLog is NVRAM.
@@ -350,6 +367,8 @@ class DModule:
                                  self.default_luns, self.lun_bytes)
         served = Served(identity, store, BlockCache(store.read_committed), epoch, reason)
         served.refresh_luns()
+        if isinstance(store, FsStore):
+            served.read_errors_seen = dict(store.aggr.group.read_errors)
         self.served[identity] = served
         return served
 

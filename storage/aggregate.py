@@ -402,6 +402,7 @@ class Aggregate:
         return {"layout": g.layout.value, "state": "offline" if g.offline else
                 ("degraded" if g.degraded else "normal"),
                 "disks": [{"disk": f"d{m}", "state": g.state[m].value} for m in range(len(g.state))],
+                "read_errors": dict(g.read_errors),
                 "rebuild": dict(self.last_rebuild) if self.last_rebuild else None}
 
     def fsck(self) -> dict[str, Any]:

@@ -119,6 +119,8 @@ class RaidGroup:
         self.rebuild_cursor = 0
         self.crash_hook: Callable[[str, int], None] | None = None
         self._offline = False
+        # Foreground reads that found a bad block: what status and events report.
+        self.read_errors = {"checksum": 0, "repaired": 0, "reconstructed": 0, "unrecoverable": 0}
         self._update_offline()
 
     # -- geometry ------------------------------------------------------------------------
@@ -245,9 +247,17 @@ class RaidGroup:
             return first.data  # type: ignore[return-value]
         self._guard()
         g = self._gather(s)
-        value = self._solve(s, d, g)
+        try:
+            value = self._solve(s, d, g)
+        except BlockUnrecoverable:
+            self.read_errors["unrecoverable"] += 1
+            raise
         if g[d].status == _BAD:
+            self.read_errors["checksum"] += 1
             self._write(d, s, value)  # repair on read
+            self.read_errors["repaired"] += 1
+        else:
+            self.read_errors["reconstructed"] += 1  # from parity: the member is failed
         return value
 
     def _read_mirror(self, s: int) -> bytes:
@@ -258,9 +268,12 @@ class RaidGroup:
             if r.status == _OK:
                 for k, bad in enumerate(g):
                     if bad.status == _BAD:
+                        self.read_errors["checksum"] += 1
                         self._write(k, s, r.data)  # type: ignore[arg-type]
+                        self.read_errors["repaired"] += 1
                 return r.data  # type: ignore[return-value]
         self._guard()
+        self.read_errors["unrecoverable"] += 1
         raise BlockUnrecoverable(f"stripe {s}: no mirror holds a verified copy")
 
     def write_block(self, lba: int, data: bytes) -> None:
