@@ -23,18 +23,20 @@ from typing import Any, Callable
 
 import zmq
 
+from domains import mediator
 from domains.dmodule import DModule
 from domains.failover_monitor import FailoverMonitor
 from domains.mirror import MirrorReceiver, MirrorSender, mirror_endpoint
 from domains.nbd_server import NbdServer
 from domains.nmodule import NModule
+from domains.rdb_host import RdbHost
 from storage import nvlog, nvlog_format, replay
 from storage import region as shm
 from vmemu import datadir
 from vmemu.bus import codec
 from vmemu.bus.rpc import RpcClient, RpcServer
-from vmemu.config import ClusterConfig, nbd_address, partner_of
-from vmemu.errors import BadRequest, InvalidState, NotGranted, VmemuError
+from vmemu.config import ClusterConfig, nbd_address, node_index, partner_of
+from vmemu.errors import BadRequest, Fenced, InvalidState, NotGranted, VmemuError
 from vmemu.hypervisor import fdbroker
 
 PR_SET_PDEATHSIG = 1
@@ -77,8 +79,11 @@ class Guest:
                                raid=self.cfg.raid, default_luns=self.cfg.luns,
                                lun_bytes=self.cfg.lun_mb << 20,
                                compress=self.cfg.nvlog_compress or None)
+        # This domain's replica of the management database, on its own disk.
+        self.rdb = RdbHost(data_dir / f"node{node}" / "rdb.sqlite", f"node{node}",
+                           self.cfg.node_names)
         self.nmodule = NModule(self.ctx, self.cfg.cluster_id, self.dmodule, node,
-                               self._first_request)
+                               self._first_request, self._vldb_lookup)
         self.nbd = NbdServer(self.dmodule, node, lambda ident: nbd_address(self.cfg, ident),
                              self.nmodule.note_served,
                              lambda msg: print(f"node{node}: {msg}", file=sys.stderr, flush=True))
@@ -89,6 +94,13 @@ class Guest:
 
     # -- NVRAM -------------------------------------------------------------------------------
     def _allocate_region(self) -> tuple[int, mmap.mmap, int]:
+        if self.cfg.nvram_placement == "mediator":
+            # The mediator allocated and formatted it; Domain 0 hands it to this incarnation
+            # only. Map it read-write first, then seal: the owner's mapping precedes the seal.
+            fd, region_id, size = mediator.claim_region(self.fd_name, self.node)
+            buf = shm.map_read_write(fd, size)
+            shm.seal(fd, read_only=self.cfg.grant_mode == "ro")
+            return fd, buf, region_id
         region_id = secrets.randbits(62) | 1
         # --ha-mode none has no NVRAM to speak of: a token region keeps registration uniform.
         size = (1 << 20) if self.cfg.ha_mode == "none" else self.cfg.nvram_mb << 20
@@ -234,7 +246,16 @@ class Guest:
             return self._stats()
         if req.op == "manage":
             return self._manage(req)
+        if req.op in RdbHost.OPS:
+            res = self.rdb.handle(req.op, req.args)
+            if req.op in ("rdb_apply", "rdb_rebuild", "rdb_propose"):
+                self.nmodule.invalidate_vldb()  # a volume may have been made or moved
+            return res
         raise BadRequest(f"unknown guest op {req.op!r}")
+
+    def _vldb_lookup(self, volume: str) -> int:
+        """Which identity owns `volume`: this domain's own RDB replica (the VLDB)."""
+        return node_index(self.rdb.vldb_lookup(volume), self.cfg.nodes)
 
     def _manage(self, req: codec.Request) -> Any:
         """Management of the identities this domain serves (the hypervisor routes here)."""
@@ -319,6 +340,9 @@ class Guest:
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop", True))
+        # The CP thread is Python too: hand the GIL back to the serving loop more often than
+        # the default 5 ms, so a write arriving during a CP is not held up behind it.
+        sys.setswitchinterval(0.001)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; Dom0 decides
         self.monitor.start()
         self.bg_busy = False
@@ -333,6 +357,9 @@ class Guest:
             ident_socks = self.nmodule.sockets()
             for s in ident_socks:
                 poller.register(s, zmq.POLLIN)
+            fwd_socks = self.nmodule.forward_sockets()
+            for s in fwd_socks:
+                poller.register(s, zmq.POLLIN)
             for fd, events in self.nbd.poll_fds().items():
                 poller.register(fd, events)
             timeout = max(0.0, min(now + 0.1, self.next_cp) - now)
@@ -342,8 +369,18 @@ class Guest:
             for s, ident in ident_socks.items():
                 if s in ready:
                     self.nmodule.serve_ready(ident)
+            for s, owner in fwd_socks.items():
+                if s in ready:
+                    self.nmodule.forward_replies(owner)
+            self.nmodule.expire(time.monotonic())
             self.nbd.service(ready)
-            self.dmodule.poll_cp()
+            try:
+                self.dmodule.poll_cp()
+            except Fenced:
+                raise  # a stale incarnation: the hypervisor has handed our disks on
+            except Exception as exc:  # the CP failed (reported as cp_failed); keep serving
+                print(f"node{self.node}: consistency point failed: {exc}", file=sys.stderr,
+                      flush=True)
             # A slice of reconstruction, never beside a running CP (both write the stripes).
             self.bg_busy = not self.dmodule.cp_running() and self.dmodule.background_work()
             now = time.monotonic()
@@ -390,6 +427,7 @@ class Guest:
             self.nmodule.close()
             self.nbd.close()
             self.dmodule.close()
+            self.rdb.close()
             self.control.close()
             self.uplink.close()
             self.ctx.term()

@@ -6,6 +6,12 @@ dies, which is the opposite of NVRAM. A memfd has no name to guess (a domain can
 descriptor it was handed), lives as long as any holder keeps it (the hypervisor, playing the
 battery), and can be sealed: after F_SEAL_FUTURE_WRITE the owner's existing writable mapping keeps
 working while every later writable mapping or write, by anyone, fails with EPERM from the kernel.
+
+Seal order, whoever allocates (the guest itself, or the mediator domain with
+`--nvram-placement mediator`): allocate, map read-write and format, and only then seal. With a
+mediator the guest receives the unsealed descriptor from Domain 0, maps it read-write, and seals
+it itself before registering it; the mediator has dropped its own mapping before the handover,
+so the owner's mapping is the only writable one that can ever exist.
 """
 
 from __future__ import annotations
@@ -55,6 +61,16 @@ def seals(fd: int) -> int:
 
 def is_write_sealed(fd: int) -> bool:
     return bool(seals(fd) & (F_SEAL_FUTURE_WRITE | F_SEAL_WRITE))
+
+
+def identity(fd: int) -> tuple[int, int]:
+    """(st_dev, st_ino): the same for every descriptor of one region, different between regions.
+
+    How Domain 0 checks that the descriptor a guest registers is the very region the mediator
+    allocated for it, not one the guest made up.
+    """
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def size_of(fd: int) -> int:

@@ -84,6 +84,9 @@ def cli(ctx: click.Context, data_dir: str | None) -> None:
 @click.option("--ha-mode", type=click.Choice(["shm", "mirror", "none"]), default="shm",
               show_default=True, help="shm: partner maps the NVLog (the patent); mirror: every "
               "record copied to the partner before the ack; none: no NVRAM, fdatasync per write.")
+@click.option("--nvram-placement", type=click.Choice(["own", "mediator"]), default="own",
+              show_default=True, help="own: each guest allocates its NVRAM region; mediator: a "
+              "third domain allocates every region, handed out by Domain 0.")
 @click.option("--giveback-delay", default=2.0, show_default=True,
               help="Seconds before automatic giveback; negative for manual only.")
 @click.option("--cp-interval", default=5.0, show_default=True, help="Seconds between timer CPs.")
@@ -97,13 +100,14 @@ def up(obj: Ctx, nodes: int, topology: str, detach: bool, heartbeat_ms: int, hea
        nvram_mb: int, disks: int, disk_mb: int, raid: str, nvlog_compress: str, luns: int,
        grant_mode: str,
        ha_mode: str, giveback_delay: float, cp_interval: float, timeout: float,
-       nbd_port: int = 10809, nbd_addr: str = "127.0.10.0") -> None:
+       nbd_port: int = 10809, nbd_addr: str = "127.0.10.0", nvram_placement: str = "own") -> None:
     """Start a cluster (foreground with a live view; Ctrl-C stops it cleanly)."""
     cfg = ClusterConfig(nodes=nodes, topology=topology, heartbeat_ms=heartbeat_ms,
                         heartbeat_misses=heartbeat_misses, nvram_mb=nvram_mb, disks=disks,
                         disk_mb=disk_mb, raid=raid, luns=luns, grant_mode=grant_mode,
                         nvlog_compress="" if nvlog_compress == "none" else nvlog_compress,
-                        ha_mode=ha_mode, giveback_delay_s=giveback_delay,
+                        ha_mode=ha_mode, nvram_placement=nvram_placement,
+                        giveback_delay_s=giveback_delay,
                         cp_interval_s=cp_interval, nbd_port=nbd_port, nbd_addr_base=nbd_addr)
     t0 = time.monotonic()
     proc = launch(obj.dir, cfg, detach)

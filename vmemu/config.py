@@ -13,6 +13,7 @@ TOPOLOGIES = ("pairs", "ring")
 HA_MODES = ("shm", "mirror", "none")
 RAID_LAYOUTS = ("raid4", "raid1", "none")  # none: the flat LUN path (one LUN per disk, no FS)
 GRANT_MODES = ("ro", "rw")
+NVRAM_PLACEMENTS = ("own", "mediator")  # who allocates a guest's NVRAM region
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class ClusterConfig:
     cp_interval_s: float = 5.0
     stall_limit_s: float = 10.0  # a main loop silent this long is a failure, heartbeats or not
     ha_mode: str = "shm"  # shm: the patent; mirror: copy every record to the partner; none: no NVRAM
+    nvram_placement: str = "own"  # own: each guest allocates its region; mediator: a third domain does
     nbd_addr_base: str = "127.0.10.0"  # node N serves NBD on base + N (127.0.10.N)
     nbd_port: int = 10809  # 0: the hypervisor picks a free port at boot (cluster.json has the real one)
     cluster_id: str = field(default_factory=lambda: secrets.token_hex(4))
@@ -47,6 +49,8 @@ class ClusterConfig:
                              "(use --topology ring)")
         if self.ha_mode not in HA_MODES:
             raise BadRequest(f"unknown HA mode {self.ha_mode!r}; choose shm, mirror or none")
+        if self.nvram_placement not in NVRAM_PLACEMENTS:
+            raise BadRequest(f"unknown NVRAM placement {self.nvram_placement!r}; choose own or mediator")
         if self.raid not in RAID_LAYOUTS:
             raise BadRequest(f"unknown RAID layout {self.raid!r}; choose raid4, raid1 or none")
         if self.raid == "raid4" and self.disks < 2:

@@ -22,6 +22,13 @@ class Region:
     size: int
     sealed: bool  # write-sealed after the owner mapped it (read-only grants)
     owner_alive: bool = True
+    # Who allocated it: "" for the owner itself (--nvram-placement own), "mediator" when the
+    # mediator domain did and Domain 0 handed it to the owner (--nvram-placement mediator).
+    allocator: str = ""
+
+    @property
+    def allocated_by(self) -> str:
+        return self.allocator or f"node{self.owner}"
 
 
 @dataclass
@@ -85,4 +92,13 @@ class GrantTable:
             {"region": f"{r:#x}", "owner": f"node{self.regions[r].owner}", "grantee": f"node{n}",
              "mode": mode, "owner_alive": self.regions[r].owner_alive}
             for (r, n), mode in sorted(self.grants.items())
+        ]
+
+    def region_rows(self) -> list[dict]:
+        """Every registered region: who owns it, who allocated it, who may map it."""
+        return [
+            {"region": f"{r.region_id:#x}", "owner": f"node{r.owner}", "allocator": r.allocated_by,
+             "size": r.size, "sealed": r.sealed, "owner_alive": r.owner_alive,
+             "grantees": [f"node{n}" for (rid, n) in sorted(self.grants) if rid == r.region_id]}
+            for r in sorted(self.regions.values(), key=lambda r: (r.owner, r.region_id))
         ]

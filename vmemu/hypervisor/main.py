@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -32,10 +32,11 @@ from vmemu.errors import (BadRequest, InvalidState, NotGranted, Unavailable, Unk
                           UnknownNode, VmemuError)
 from vmemu.hypervisor import failover as fo
 from vmemu.hypervisor.events import EventLog
+from vmemu.hypervisor.rdb_driver import RdbDriver
 from vmemu.hypervisor.fdbroker import FdBroker
 from vmemu.hypervisor.grants import GrantTable
 from vmemu.hypervisor.heartbeat import HeartbeatMonitor
-from vmemu.hypervisor.supervisor import Supervisor
+from vmemu.hypervisor.supervisor import MediatorLink, Supervisor
 
 
 class Hypervisor:
@@ -51,10 +52,18 @@ class Hypervisor:
         self.monitor = HeartbeatMonitor(cfg.heartbeat_ms / 1000.0, cfg.heartbeat_misses)
         self.sup = Supervisor(data_dir, datadir.logs_dir(data_dir))
         self.control = RpcServer(self.ctx, datadir.control_endpoint(cfg.cluster_id))
+        # --nvram-placement mediator: a third domain allocates every region (domains/mediator.py).
+        self.mediator = (MediatorLink(self.sup, self.events.emit, lambda: self.coord.shutting_down)
+                         if cfg.nvram_placement == "mediator" else None)
         self.broker = FdBroker(datadir.fd_socket_name(cfg.cluster_id), self.grants, self._pid_of,
-                               self._on_register)
+                               self._on_register, placement=cfg.nvram_placement,
+                               mediator=self.mediator, emit=self.events.emit)
         self.guests: dict[int, AsyncRpcClient] = {}
         self.lun_lists: dict[int, list] = {}  # identity -> [[index, name, size]] from its assign
+        # The replicated management database: replicas in the guests, ordered by the driver.
+        self.rdb = RdbDriver(self._rdb_call, [f"node{i}" for i in range(1, cfg.nodes + 1)])
+        self.rdb_seeded = False
+        self.vldb: dict[str, str] = {}  # volume -> owner node, as committed in the RDB
         self.stats: dict[int, dict[str, Any]] = {}
         self.takeovers: dict[int, dict[str, Any]] = {}
         self._served_at_fail: dict[int, list[int]] = {}
@@ -79,13 +88,18 @@ class Hypervisor:
             "config": self.cfg.to_dict(),
         })
         self.events.emit("cluster_up", "hypervisor", nodes=self.cfg.nodes,
-                         topology=self.cfg.topology, pid=os.getpid(), nbd_port=self.cfg.nbd_port)
+                         topology=self.cfg.topology, pid=os.getpid(), nbd_port=self.cfg.nbd_port,
+                         nvram_placement=self.cfg.nvram_placement)
+        if self.mediator is not None:
+            self.mediator.start()
         for n in range(1, self.cfg.nodes + 1):
             self._spawn(n)
 
     def _spawn(self, node: int) -> None:
         self._apply(self.coord.handle(fo.Spawned(node), time.monotonic()))
         child = self.sup.spawn(node)
+        if self.mediator is not None:
+            self.mediator.allocate_for(node)  # every incarnation gets a fresh region
         old = self.guests.pop(node, None)
         if old:
             old.close()
@@ -100,6 +114,61 @@ class Hypervisor:
     def _on_register(self, node: int, region: int) -> None:
         self.monitor.watch(node, time.monotonic())
         self._apply(self.coord.handle(fo.Registered(node, region), time.monotonic()))
+        self.rdb.node_up(f"node{node}")
+        self._seed_rdb()
+
+    # -- the replicated management database ----------------------------------------------------
+    def _rdb_call(self, node: str, op: str, args: dict, timeout: float,
+                  done: Callable[[Any, Exception | None], None]) -> None:
+        idx = int(node[4:])
+        g = self.guests.get(idx)
+        if g is None or not self.coord.alive(idx):
+            done(None, Unavailable(f"{node} is down"))
+            return
+        g.call(op, args, timeout, done)
+
+    def rdb_propose(self, op: str, args: dict, then: Callable[[Any, Exception | None], None] | None = None) -> None:
+        def done(res: Any, err: Exception | None) -> None:
+            if err is None:
+                self._rdb_committed(op, args)
+            elif then is None:
+                self.events.emit("rdb_error", "hypervisor", op=op, error=str(err))
+            if then is not None:
+                then(res, err)
+        self.rdb.propose(op, args, done)
+
+    def _rdb_committed(self, op: str, args: dict) -> None:
+        if op in ("volume_create", "volume_move"):
+            self.vldb[args["name"]] = args["node"]
+        elif op == "volume_delete":
+            self.vldb.pop(args["name"], None)
+
+    def _seed_rdb(self) -> None:
+        """First time the RDB can take changes: make sure it knows the nodes and HA pairs, and
+        read the VLDB it already holds (a data dir used before keeps its volumes).
+
+        Proposed at once and unconditionally (a change that is already there is refused and
+        changes nothing), so they are ordered before any management command that follows.
+        """
+        if self.rdb_seeded or not self.rdb.available:
+            return
+        self.rdb_seeded = True
+
+        def quiet(_res: Any, _err: Exception | None) -> None:
+            pass  # AlreadyExists on a data dir used before: nothing to do
+
+        for i in range(1, self.cfg.nodes + 1):
+            self.rdb.propose("node_add", {"name": f"node{i}", "index": i}, quiet)
+        if self.cfg.topology == "pairs":  # the RDB's HA table holds symmetric pairs
+            for i in range(1, self.cfg.nodes + 1, 2):
+                self.rdb.propose("ha_pair", {"node": f"node{i}", "partner": f"node{i + 1}"}, quiet)
+
+        def have(res: Any, err: Exception | None) -> None:
+            if err is None:
+                for vol, node in (res or {}).items():
+                    self.vldb.setdefault(vol, node)
+
+        self.rdb.query("vldb", {}, have)
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -138,6 +207,8 @@ class Hypervisor:
             self._check_heartbeats(now)
             self._apply(self.coord.handle(fo.Tick(), now))
             self._sample_metrics(now)
+            if not self.rdb_seeded:
+                self._seed_rdb()
             if self.stop_requested and not self.coord.shutting_down:
                 self._begin_shutdown()
             if self.coord.shutting_down and self._shutdown_progress(now):
@@ -180,6 +251,7 @@ class Hypervisor:
     def _fail(self, node: int, reason: str, detail: str = "") -> None:
         now = time.monotonic()
         self.monitor.forget(node)
+        self.rdb.node_down(f"node{node}")
         served = self.coord.served(node)
         own = self.coord.identities[node]
         fence_idents = set(served)
@@ -282,6 +354,9 @@ class Hypervisor:
     def _record_assign(self, act: fo.Assign, res: dict) -> None:
         if res.get("luns") is not None:
             self.lun_lists[act.identity] = res["luns"]
+        if self.rdb_seeded:  # who serves each identity is management state too
+            self.rdb.propose("identity_set", {"name": f"node{act.identity}",
+                                              "served_by": f"node{act.node}"}, lambda *_: None)
         rep = res.get("replay", {})
         self.events.emit("replay_done", act.node, mono=res.get("replay_done"),
                          identity=f"node{act.identity}", records=rep.get("records", 0),
@@ -440,7 +515,13 @@ class Hypervisor:
         return _DEFERRED
 
     def volume_owner(self, volume: str) -> int:
-        """Which identity holds `volume` (the VLDB): from what the serving domains report."""
+        """Which identity holds `volume`: the VLDB (in the RDB), else -- for a node's root
+        volume vol0, which every node has and the VLDB does not list -- what domains report."""
+        owner = self.vldb.get(volume)
+        if owner is not None:
+            return node_index(owner, self.cfg.nodes)
+        if volume == "vol0":
+            raise BadRequest("every node has a root volume vol0: say which with --node")
         for ident in range(1, self.cfg.nodes + 1):
             srv = self.coord.identities[ident].served_by
             st = (self.stats.get(srv, {}).get("storage") or {}).get(str(ident)) if srv else None
@@ -460,10 +541,13 @@ class Hypervisor:
         srv = self.coord.identities[ident].served_by
         g = self.guests.get(srv) if srv else None
         if g is None or not self.coord.alive(srv):
-            raise Unavailable(f"node{ident} is down and no partner serves its identity; "
+            where = f"volume {args['volume']} is on node{ident}, which" if "volume" in args \
+                and "node" not in args else f"node{ident}"
+            raise Unavailable(f"{where} is down and no partner serves its identity; "
                               f"{what.replace('_', ' ')} is not possible until it returns")
         args.pop("node", None)
         args["identity"] = ident
+        timeout = float(req.args.get("timeout", 60.0))
 
         def done(res: Any, err: VmemuError | None) -> None:
             if err is not None:
@@ -471,8 +555,42 @@ class Hypervisor:
             else:
                 self.control.reply(peer, req.id, res)
 
-        g.call("manage", args, float(req.args.get("timeout", 60.0)), done)
+        record = self._rdb_record(what, req, ident)
+        if record is None:
+            g.call("manage", args, timeout, done)
+            return _DEFERRED
+        op, rargs, undo = record
+
+        # The RDB first (cluster-wide names, one order of changes), then the aggregate; if the
+        # aggregate refuses (no room, a name it does not take), the RDB change is undone.
+        def recorded(_res: Any, err: Exception | None) -> None:
+            if err is not None:
+                done(None, err if isinstance(err, VmemuError) else VmemuError(str(err)))
+                return
+
+            def made(res: Any, err2: VmemuError | None) -> None:
+                if err2 is not None:
+                    self.rdb_propose(*undo)
+                done(res, err2)
+
+            g.call("manage", args, timeout, made)
+
+        self.rdb_propose(op, rargs, recorded)
         return _DEFERRED
+
+    def _rdb_record(self, what: str, req: codec.Request, ident: int) -> tuple[str, dict, tuple[str, dict]] | None:
+        """The RDB change a management request makes (and its undo), if any."""
+        if what == "volume_create":
+            name = codec.arg(req, "name", str)
+            return ("volume_create", {"name": name, "node": f"node{ident}",
+                                      "size": codec.arg(req, "size", int)},
+                    ("volume_delete", {"name": name}))
+        if what == "lun_create" and req.args.get("volume") != "vol0":
+            vol, name = codec.arg(req, "volume", str), codec.arg(req, "name", str)
+            return ("lun_create", {"volume": vol, "name": name,
+                                   "size": codec.arg(req, "size", int)},
+                    ("lun_delete", {"volume": vol, "name": name}))
+        return None
 
     def _guest_event(self, req: codec.Request) -> None:
         node = self._node_arg(req)
@@ -536,7 +654,8 @@ class Hypervisor:
         return {"version": 1, "cluster_id": self.cfg.cluster_id, "hypervisor_pid": os.getpid(),
                 "uptime_s": round(time.time() - self.started, 1), "config": self.cfg.to_dict(),
                 "nodes": nodes, "grants": self.grants.rows(),
-                "regions_held": len(self.broker.held)}
+                "rdb": dict(self.rdb.status(), ready=self.rdb_seeded and self.rdb.available),
+                "regions_held": len(self.broker.held), "nvram": self.broker.view()}
 
     def _takeover_view(self, identity: int) -> dict | None:
         t = self.takeovers.get(identity)
