@@ -292,6 +292,8 @@ class Guest:
             return d.fsck(ident)
         if what == "scrub":
             return d.scrub(ident)
+        if what == "scrub_status":
+            return d.scrub_status(ident)
         if what == "disk_fail":
             return d.disk_fail(ident, codec.arg(req, "disk", int))
         if what == "disk_replace":

@@ -35,6 +35,8 @@ from typing import Any
 import msgpack
 
 from storage.blockcache import BLOCK, Blocks
+from storage.names import check_name
+from storage import loopdev
 from storage.disk import OFF_EPOCH, Disk, disk_path
 from storage.raid import DiskDevice, Layout, MemberState, RaidBlockDevice, RaidGroup
 from storage.wafl import Wafl
@@ -45,7 +47,6 @@ from vmemu.errors import UnknownLun as NotFound
 
 CATALOG = ".vmemu-catalog"
 LAYOUTS = ("raid4", "raid1")
-NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,15}$")
 SNAP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,22}$")
 RESERVE = 0.9  # volumes may reserve this share of the aggregate; the rest is CP/metadata room
 _LEN = struct.Struct("<I")
@@ -61,12 +62,6 @@ class LunInfo:
     @property
     def path(self) -> str:
         return f"{self.volume}/{self.name}"
-
-
-def check_name(name: str, what: str) -> None:
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise BadRequest(f"invalid {what} name {name!r}: 1-16 characters, a letter first, then "
-                         "letters, digits, '-' or '_'")
 
 
 class Aggregate:
@@ -86,6 +81,7 @@ class Aggregate:
         self._rd = _Reader(self.dev)
         self.refresh_view()
         self.last_rebuild: dict[str, Any] = {}
+        self.scrubbing: dict[str, Any] | None = None
         self._rebuild_t0 = time.monotonic()
         if group.rebuild_member is not None:  # a rebuild resumed at open (from stripe 0)
             self.last_rebuild = {"disk": f"d{group.rebuild_member}", "started": time.time(),
@@ -357,10 +353,15 @@ class Aggregate:
             raise InvalidState(f"the aggregate of node{self.identity} is offline (too many failed "
                                "disks); it cannot be reconstructed")
         old = self.disks[m]
-        path, size = old.path, old.size
+        path, size = disk_path(self.node_dir.parent, self.identity, m), old.size
+        on_loop = loopdev.resolve(path) != path  # --disk-backend loop: swap the device too
         old.close()
+        if on_loop:
+            loopdev.detach(str(loopdev.resolve(path)), image=path)
         os.unlink(path)
         Disk.create(path, self.identity, m, size)
+        if on_loop:
+            loopdev.attach(path, data_dir=self.node_dir.parent)
         fd = os.open(path, os.O_RDWR)
         try:
             os.pwrite(fd, struct.pack("<Q", epoch), OFF_EPOCH)
@@ -394,8 +395,39 @@ class Aggregate:
         return dict(self.last_rebuild, complete=prog.complete)
 
     def scrub(self) -> dict[str, Any]:
+        """The whole scrub at once (tests, offline tools); the D-module runs it in slices."""
         rep = self.group.scrub()
         return {k: (v if not isinstance(v, list) else v[:20]) for k, v in vars(rep).items()}
+
+    def scrub_start(self) -> dict[str, Any]:
+        if self.scrubbing is not None and not self.scrubbing.get("finished"):
+            raise InvalidState(f"a scrub of node{self.identity} is already running "
+                               f"({self.scrubbing['stripes']}/{self.group.stripes} stripes)")
+        self.group._guard()  # an offline group says so now, not in the background
+        self.scrubbing = {"started": time.time(), "stripes": 0, "total": self.group.stripes,
+                          "checksum_errors": 0, "parity_mismatches": 0, "mirror_mismatches": 0,
+                          "repaired_data": 0, "repaired_parity": 0, "degraded_stripes": 0,
+                          "unrecoverable": []}
+        return dict(self.scrubbing)
+
+    def scrub_step(self, stripes: int) -> bool:
+        """One slice of the running scrub; True when it has just finished."""
+        sc = self.scrubbing
+        if sc is None or sc.get("finished"):
+            return False
+        rep = self.group.scrub(sc["stripes"], stripes)
+        for k, v in vars(rep).items():
+            if k == "stripes":
+                continue
+            if isinstance(v, list):
+                sc[k] = (sc[k] + v)[:20]
+            else:
+                sc[k] += v
+        sc["stripes"] = min(sc["total"], sc["stripes"] + stripes)
+        if sc["stripes"] >= sc["total"]:
+            sc["finished"] = time.time()
+            return True
+        return False
 
     def raid_status(self) -> dict[str, Any]:
         g = self.group
@@ -403,6 +435,7 @@ class Aggregate:
                 ("degraded" if g.degraded else "normal"),
                 "disks": [{"disk": f"d{m}", "state": g.state[m].value} for m in range(len(g.state))],
                 "read_errors": dict(g.read_errors),
+                "scrub": dict(self.scrubbing) if self.scrubbing else None,
                 "rebuild": dict(self.last_rebuild) if self.last_rebuild else None}
 
     def fsck(self) -> dict[str, Any]:

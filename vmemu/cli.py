@@ -20,6 +20,7 @@ from rich.table import Table
 
 from vmemu import datadir
 from vmemu.cluster import Control, Status, launch, wait_for, wait_started
+from storage import loopdev
 from vmemu import cli_storage
 from vmemu.config import ClusterConfig
 from vmemu.errors import BadRequest, VmemuError
@@ -78,6 +79,11 @@ def cli(ctx: click.Context, data_dir: str | None) -> None:
               "path (one LUN per disk, no file system).")
 @click.option("--nvlog-compress", type=click.Choice(["none", "lz4"]), default="none",
               show_default=True, help="Store NVLog payloads lz4-compressed when that saves 1/8.")
+@click.option("--disk-backend", type=click.Choice(["file", "loop"]), default="file",
+              show_default=True, help="file: sparse image files; loop: each image attached to "
+              "a Linux loop device (root only), I/O on the block device.")
+@click.option("--lun-mb", default=256, show_default=True,
+              help="Size of each of those LUNs (at most half the aggregate in all).")
 @click.option("--luns", default=2, show_default=True,
               help="LUNs lun0.. made in volume vol0 when an aggregate is first formatted.")
 @click.option("--grant-mode", type=click.Choice(["ro", "rw"]), default="ro", show_default=True)
@@ -89,7 +95,7 @@ def cli(ctx: click.Context, data_dir: str | None) -> None:
               "third domain allocates every region, handed out by Domain 0.")
 @click.option("--giveback-delay", default=2.0, show_default=True,
               help="Seconds before automatic giveback; negative for manual only.")
-@click.option("--cp-interval", default=5.0, show_default=True, help="Seconds between timer CPs.")
+@click.option("--cp-interval", default=10.0, show_default=True, help="Seconds between timer CPs.")
 @click.option("--nbd-port", default=10809, show_default=True,
               help="TCP port of every node's NBD export (0: any free port).")
 @click.option("--nbd-addr", default="127.0.10.0", show_default=True,
@@ -97,18 +103,26 @@ def cli(ctx: click.Context, data_dir: str | None) -> None:
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for serving.")
 @click.pass_obj
 def up(obj: Ctx, nodes: int, topology: str, detach: bool, heartbeat_ms: int, heartbeat_misses: int,
-       nvram_mb: int, disks: int, disk_mb: int, raid: str, nvlog_compress: str, luns: int,
+       nvram_mb: int, disks: int, disk_mb: int, raid: str, nvlog_compress: str,
+       disk_backend: str, lun_mb: int,
+       luns: int,
        grant_mode: str,
        ha_mode: str, giveback_delay: float, cp_interval: float, timeout: float,
        nbd_port: int = 10809, nbd_addr: str = "127.0.10.0", nvram_placement: str = "own") -> None:
     """Start a cluster (foreground with a live view; Ctrl-C stops it cleanly)."""
     cfg = ClusterConfig(nodes=nodes, topology=topology, heartbeat_ms=heartbeat_ms,
                         heartbeat_misses=heartbeat_misses, nvram_mb=nvram_mb, disks=disks,
-                        disk_mb=disk_mb, raid=raid, luns=luns, grant_mode=grant_mode,
+                        disk_mb=disk_mb, raid=raid, luns=luns, lun_mb=lun_mb,
+                        disk_backend=disk_backend,
+                        grant_mode=grant_mode,
                         nvlog_compress="" if nvlog_compress == "none" else nvlog_compress,
                         ha_mode=ha_mode, nvram_placement=nvram_placement,
                         giveback_delay_s=giveback_delay,
                         cp_interval_s=cp_interval, nbd_port=nbd_port, nbd_addr_base=nbd_addr)
+    if disk_backend == "loop":
+        ok, why = loopdev.available()
+        if not ok:  # before anything is made: nothing changes
+            raise BadRequest(f"--disk-backend loop is not available here: {why}")
     t0 = time.monotonic()
     proc = launch(obj.dir, cfg, detach)
     try:

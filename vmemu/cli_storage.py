@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from vmemu.errors import BadRequest
+from vmemu.errors import BadRequest, Timeout
 
 console = Console(highlight=False)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -206,8 +207,50 @@ def register(cli: click.Group) -> None:
 
     @cli.command()
     @click.argument("node")
+    @click.option("--wait/--no-wait", default=True, show_default=True,
+                  help="Wait for the scrub to finish and print its report.")
+    @click.option("--timeout", default=600.0, show_default=True)
     @click.pass_obj
-    def scrub(obj: Any, node: str) -> None:
-        """Verify every stripe's checksums and parity on NODE, repairing what RAID can."""
-        res = manage(obj, "scrub", node=node, timeout=600.0)
+    def scrub(obj: Any, node: str, wait: bool, timeout: float) -> None:
+        """Verify every stripe's checksums and parity on NODE, repairing what RAID can.
+
+        The scrub runs in the background, in slices between client requests."""
+        manage(obj, "scrub", node=node)
+        if not wait:
+            click.echo(f"vmemu: scrub of {node} started (progress in `vmemu status --json`)")
+            return
+        end = time.monotonic() + timeout
+        while True:
+            res = manage(obj, "scrub_status", node=node)
+            if res and res.get("finished"):
+                break
+            if time.monotonic() > end:
+                raise Timeout(f"scrub of {node} still running after {timeout:.0f}s")
+            time.sleep(0.2)
+        res = {k: v for k, v in res.items() if k not in ("started", "finished", "total")}
         click.echo("vmemu: scrub " + ", ".join(f"{k} {v}" for k, v in res.items()))
+
+    @snapshot.command("read")
+    @click.argument("volume")
+    @click.argument("name")
+    @click.argument("lun")
+    @click.option("--offset", default=0, show_default=True, help="Byte offset in the LUN.")
+    @click.option("--length", default="4096", show_default=True, help="Bytes to read, e.g. 1M.")
+    @click.option("--out", type=click.Path(dir_okay=False), required=True,
+                  help="File to write the bytes to ('-' for stdout).")
+    @NODE_OPT
+    @click.pass_obj
+    def snapshot_read(obj: Any, volume: str, name: str, lun: str, offset: int, length: str,
+                      out: str, node: str | None) -> None:
+        """Read a LUN as it was in a snapshot."""
+        n = parse_size(length)
+        if n > 64 << 20:
+            raise BadRequest("read at most 64M at a time")
+        data = manage(obj, "snapshot_read", volume=volume, name=name, lun=lun, offset=offset,
+                      length=n, node=node)
+        if out == "-":
+            click.get_binary_stream("stdout").write(data)
+        else:
+            with open(out, "wb") as f:
+                f.write(data)
+            click.echo(f"vmemu: {len(data)} bytes of {volume}/{lun}@{name} written to {out}")

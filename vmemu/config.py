@@ -27,11 +27,12 @@ class ClusterConfig:
     disk_mb: int = 1024  # sparse image files: only written blocks take space
     raid: str = "raid4"
     luns: int = 2  # LUNs lun0..lun{n-1} of volume vol0, made when an aggregate is first formatted
+    disk_backend: str = "file"  # loop: each image attached to a loop device (root only)
     nvlog_compress: str = ""  # "lz4": NVLog payloads stored lz4-compressed when that saves 1/8
     lun_mb: int = 256  # their size (capped so that vol0 takes at most half of the aggregate)
     grant_mode: str = "ro"
     giveback_delay_s: float = 2.0  # negative: manual giveback only
-    cp_interval_s: float = 5.0
+    cp_interval_s: float = 10.0
     stall_limit_s: float = 10.0  # a main loop silent this long is a failure, heartbeats or not
     ha_mode: str = "shm"  # shm: the patent; mirror: copy every record to the partner; none: no NVRAM
     nvram_placement: str = "own"  # own: each guest allocates its region; mediator: a third domain does
@@ -57,6 +58,8 @@ class ClusterConfig:
             raise BadRequest("raid4 needs at least 2 disks per node (data and parity)")
         if self.raid == "raid1" and self.disks < 2:
             raise BadRequest("raid1 needs at least 2 disks per node (two mirrors)")
+        if self.disk_backend not in ("file", "loop"):
+            raise BadRequest(f"unknown disk backend {self.disk_backend!r}; choose file or loop")
         if self.nvlog_compress not in ("", "lz4"):
             raise BadRequest(f"unknown NVLog compression {self.nvlog_compress!r}; choose lz4")
         if not 0 <= self.luns <= 64:

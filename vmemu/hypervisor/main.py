@@ -24,6 +24,8 @@ from typing import Any, Callable
 import zmq
 
 from storage.disk import Disk, disk_path, stamp_epoch
+from storage import loopdev
+from storage.names import check_name
 from vmemu import datadir
 from vmemu.bus import codec
 from vmemu.bus.rpc import AsyncRpcClient, RpcServer
@@ -60,6 +62,7 @@ class Hypervisor:
                                mediator=self.mediator, emit=self.events.emit)
         self.guests: dict[int, AsyncRpcClient] = {}
         self.lun_lists: dict[int, list] = {}  # identity -> [[index, name, size]] from its assign
+        self.loop_fds: list[int] = []
         # The replicated management database: replicas in the guests, ordered by the driver.
         self.rdb = RdbDriver(self._rdb_call, [f"node{i}" for i in range(1, cfg.nodes + 1)])
         self.rdb_seeded = False
@@ -77,11 +80,19 @@ class Hypervisor:
 
     # -- boot --------------------------------------------------------------------------------
     def boot(self) -> None:
+        if self.cfg.disk_backend == "loop":
+            loopdev.detach_all(self.dir)  # leftovers of a cluster that died here
         for n in range(1, self.cfg.nodes + 1):
             for d in range(self.cfg.disks):
                 p = disk_path(self.dir, n, d)
                 if not p.exists():
                     Disk.create(p, n, d, self.cfg.disk_mb << 20)
+                if self.cfg.disk_backend == "loop":
+                    # Attached by Domain 0, which owns the storage adapter; held open with
+                    # autoclear, so the kernel frees the device if every vmemu process dies.
+                    dev = loopdev.attach(p, data_dir=self.dir)
+                    self.loop_fds.append(loopdev.hold(dev, p))
+                    self.events.emit("disk_attached", "hypervisor", image=str(p), device=dev)
         datadir.write_cluster(self.dir, {
             "cluster_id": self.cfg.cluster_id, "hypervisor_pid": os.getpid(),
             "control": self.control.endpoint, "started": self.started,
@@ -582,11 +593,13 @@ class Hypervisor:
         """The RDB change a management request makes (and its undo), if any."""
         if what == "volume_create":
             name = codec.arg(req, "name", str)
+            check_name(name, "volume")  # the aggregate's rule, before the RDB records it
             return ("volume_create", {"name": name, "node": f"node{ident}",
                                       "size": codec.arg(req, "size", int)},
                     ("volume_delete", {"name": name}))
         if what == "lun_create" and req.args.get("volume") != "vol0":
             vol, name = codec.arg(req, "volume", str), codec.arg(req, "name", str)
+            check_name(name, "LUN")
             return ("lun_create", {"volume": vol, "name": name,
                                    "size": codec.arg(req, "size", int)},
                     ("lun_delete", {"volume": vol, "name": name}))
@@ -682,6 +695,11 @@ class Hypervisor:
         return True
 
     def close(self) -> None:
+        for fd in self.loop_fds:
+            os.close(fd)
+        if self.cfg.disk_backend == "loop":
+            left = loopdev.detach_all(self.dir)
+            self.events.emit("disks_detached", "hypervisor", devices=left)
         self.events.emit("cluster_down", "hypervisor")
         for g in self.guests.values():
             g.close()

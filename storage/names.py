@@ -1,0 +1,16 @@
+"""Names of volumes and LUNs: one rule, checked by the hypervisor before the RDB records a
+name and by the aggregate that makes it (a light module: the hypervisor imports it)."""
+
+from __future__ import annotations
+
+import re
+
+from vmemu.errors import BadRequest
+
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,15}$")
+
+
+def check_name(name: str, what: str) -> None:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise BadRequest(f"invalid {what} name {name!r}: 1-16 characters, a letter first, then "
+                         "letters, digits, '-' or '_'")
