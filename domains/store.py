@@ -18,10 +18,9 @@ from typing import Any
 from storage.aggregate import Aggregate
 from storage.blockcache import BLOCK, Blocks
 from storage.disk import Disk, disk_path
-from vmemu.errors import BadRequest, OutOfRange, UnknownLun
+from storage.lun import check_io
+from vmemu.errors import BadRequest, UnknownLun
 
-SECTOR = 512
-MAX_IO = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -32,13 +31,7 @@ class LunHandle:
     name: str
 
     def check(self, offset: int, length: int) -> None:
-        if offset % SECTOR or length % SECTOR:
-            raise BadRequest(f"offset {offset} and length {length} must be multiples of {SECTOR}")
-        if length <= 0 or length > MAX_IO:
-            raise BadRequest(f"length {length} must be between {SECTOR} and {MAX_IO} bytes")
-        if offset < 0 or offset + length > self.size:
-            raise OutOfRange(f"range {offset}+{length} is past the end of "
-                             f"node{self.identity}/{self.name} ({self.size} bytes)")
+        check_io(f"node{self.identity}/{self.name}", self.size, offset, length)
 
 
 class FlatStore:

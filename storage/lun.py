@@ -16,6 +16,16 @@ SECTOR = 512
 MAX_IO = 1 << 20
 
 
+def check_io(name: str, size: int, offset: int, length: int) -> None:
+    """One rule for every LUN request: sector-aligned, at most MAX_IO, inside the LUN."""
+    if offset % SECTOR or length % SECTOR:
+        raise BadRequest(f"offset {offset} and length {length} must be multiples of {SECTOR}")
+    if length <= 0 or length > MAX_IO:
+        raise BadRequest(f"length {length} must be between {SECTOR} and {MAX_IO} bytes")
+    if offset < 0 or offset + length > size:
+        raise OutOfRange(f"range {offset}+{length} is past the end of {name} ({size} bytes)")
+
+
 class Lun:
     def __init__(self, identity: int, index: int, disk: Disk) -> None:
         self.identity = identity
@@ -25,13 +35,7 @@ class Lun:
         self.dirty: dict[int, bytearray] = {}
 
     def check(self, offset: int, length: int) -> None:
-        if offset % SECTOR or length % SECTOR:
-            raise BadRequest(f"offset {offset} and length {length} must be multiples of {SECTOR}")
-        if length <= 0 or length > MAX_IO:
-            raise BadRequest(f"length {length} must be between {SECTOR} and {MAX_IO} bytes")
-        if offset < 0 or offset + length > self.size:
-            raise OutOfRange(f"range {offset}+{length} is past the end of "
-                             f"node{self.identity}/lun{self.index} ({self.size} bytes)")
+        check_io(f"node{self.identity}/lun{self.index}", self.size, offset, length)
 
     def _block(self, b: int) -> bytearray:
         buf = self.dirty.get(b)

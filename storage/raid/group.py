@@ -48,6 +48,7 @@ to whoever wires this into the D-module.
 from __future__ import annotations
 
 import enum
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -119,6 +120,7 @@ class RaidGroup:
         self.rebuild_cursor = 0
         self.crash_hook: Callable[[str, int], None] | None = None
         self._offline = False
+        self._sync_pool: ThreadPoolExecutor | None = None
         # Foreground reads that found a bad block: what status and events report.
         self.read_errors = {"checksum": 0, "repaired": 0, "reconstructed": 0, "unrecoverable": 0}
         self._update_offline()
@@ -444,13 +446,29 @@ class RaidGroup:
                 self.crash_hook("after_data", s)
 
     def sync(self) -> None:
-        """Flush every live member to stable storage (a barrier for the layer above)."""
-        for m, member in enumerate(self.members):
-            if self.state[m] is MemberState.FAILED:
-                continue
+        """Flush every live member to stable storage (a barrier for the layer above).
+
+        The members are flushed at once, one thread each: fdatasync releases the GIL and the
+        disks are independent, so a CP waits for the slowest member rather than their sum.
+        """
+        live = [m for m in range(len(self.members)) if self.state[m] is not MemberState.FAILED]
+
+        def flush(m: int) -> bool:
             try:
-                member.sync()
+                self.members[m].sync()
+                return True
             except DeviceFailed:
+                return False
+
+        if len(live) > 1:
+            if self._sync_pool is None:
+                self._sync_pool = ThreadPoolExecutor(max_workers=len(self.members),
+                                                     thread_name_prefix="raid-sync")
+            results = list(self._sync_pool.map(flush, live))
+        else:
+            results = [flush(m) for m in live]
+        for m, ok in zip(live, results):
+            if not ok:
                 self._mark_failed(m)
         self._guard()
 
