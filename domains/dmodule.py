@@ -150,6 +150,8 @@ class DModule:
         self.cp_stalls = 0  # writes that waited for a CP because both log halves were full
         self.cp_stall_ms = 0.0
         self.cp_job: CpJob | None = None
+        self.pending_commit = False  # --ha-mode none: writes taken, not yet committed
+        self.pending_dedup: list[tuple[int, int]] = []
         self.default_luns = default_luns
         self.lun_bytes = lun_bytes
 
@@ -180,10 +182,14 @@ class DModule:
             return 0  # a retry of a write already logged: acknowledge, do not apply again
         served = self.served[identity]
         if self.ha_mode == "none":
-            # No NVRAM: the write is on disk (committed by a CP) before it is acknowledged.
+            # No NVRAM: the write must be on disk before it is acknowledged. The transports
+            # hold their acknowledgements and call commit_pending_writes once per turn, so
+            # the writes that arrived together share one CP (group commit).
             served.cache.write(lun_index, offset, data)
-            self.consistency_point("write_through")
-            self.dedup.record(client, request)
+            self.pending_commit = True
+            # Recorded as applied only once committed: a CP carries the exactly-once table
+            # into the NVLog, and a retry after a crash must not be taken for a done write.
+            self.pending_dedup.append((client, request))
             self.ops += 1
             return 0
         if not self.log.fits(len(data)):
@@ -232,6 +238,15 @@ class DModule:
     def log_fill(self) -> float:
         """How full the active log half is."""
         return self.log.used / self.log.capacity
+
+    def commit_pending_writes(self) -> None:
+        """--ha-mode none: make the writes taken since the last call durable (one CP)."""
+        if self.pending_commit:
+            self.pending_commit = False
+            done, self.pending_dedup = self.pending_dedup, []
+            self.consistency_point("write_through")
+            for client, request in done:
+                self.dedup.record(client, request)
 
     def _make_room(self, length: int) -> None:
         """The active log half is full: switch halves (a CP starts) or, if the other half is

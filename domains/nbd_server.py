@@ -185,6 +185,15 @@ class NbdServer:
             if ev & zmq.POLLERR:
                 c.dead = True
         self._run_jobs()
+        commit = getattr(self.d, "commit_pending_writes", None)
+        if commit is not None:
+            try:
+                commit()  # --ha-mode none: the turn's writes are durable before any reply leaves
+            except Exception as exc:  # noqa: BLE001 - whatever it was, those acks must not go
+                self.log(f"group commit failed ({exc}); dropping connections with replies queued")
+                for c in self.conns.values():
+                    if c.out:
+                        c.dead = True
         now = time.monotonic()
         for c in list(self.conns.values()):
             if c.out and not c.dead:

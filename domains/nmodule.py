@@ -155,9 +155,11 @@ class NModule:
         srv = self.listeners.get(identity)
         if srv is None:
             return
+        held: list[tuple[Any, Any]] = []  # --ha-mode none: write acks wait for the group CP
+        d = self.protocol.d
         for _ in range(budget):
             if not srv.sock.poll(0):
-                return
+                break
             inc = srv.recv()
             if inc is None:
                 continue
@@ -170,7 +172,20 @@ class NModule:
                 self.errors += 1
                 srv.reply_error(inc.peer, inc.request.id, exc)
                 continue
+            if d.pending_commit and inc.request.op == "write":
+                held.append((inc, result))
+                continue
             srv.reply(inc.peer, inc.request.id, result)
+            self.note_served(identity)
+        if held:
+            try:
+                d.commit_pending_writes()
+            except VmemuError as exc:
+                for inc, _ in held:
+                    srv.reply_error(inc.peer, inc.request.id, exc)
+                return
+            for inc, result in held:
+                srv.reply(inc.peer, inc.request.id, result)
             self.note_served(identity)
 
     # -- CF forwarding to the domain serving another identity ------------------------------------
