@@ -30,7 +30,7 @@ from storage.disk import HEADER as DISK_HEADER
 from storage.disk import Disk
 from storage.nvlog import TwoHalfLog, region_logs
 from storage.raid.errors import RaidOffline
-from vmemu.errors import BadRequest, InvalidState, LogFull, UnknownLun, VmemuError
+from vmemu.errors import BadRequest, Fenced, InvalidState, LogFull, UnknownLun, VmemuError
 
 try:
     from storage.nvlog import record_payload
@@ -247,6 +247,15 @@ class DModule:
             self.consistency_point("write_through")
             for client, request in done:
                 self.dedup.record(client, request)
+            # Into the NVLog before any ack leaves, so that a partner knows these requests
+            # are done (the table the CP carried was taken before they were).
+            pairs = np.asarray([x for pair in done if pair[0] for x in pair], dtype="<u8")
+            if pairs.size:
+                if self.log.fits(pairs.nbytes):
+                    self.log.append(F.DEDUP_LUN, 0, pairs.tobytes(), flags=F.FLAG_DEDUP)
+                    self._replicate()
+                else:
+                    self.consistency_point("log_full")  # carries the whole table
 
     def _make_room(self, length: int) -> None:
         """The active log half is full: switch halves (a CP starts) or, if the other half is
@@ -269,7 +278,12 @@ class DModule:
 
         `snapshot` = (identity, name): that identity's commit also takes a snapshot.
         """
-        self.poll_cp(wait=True)
+        try:
+            self.poll_cp(wait=True)
+        except Fenced:
+            raise
+        except Exception:  # noqa: BLE001 - that CP's failure was reported (cp_failed); this
+            pass           # one retries everything it left behind
         self.start_cp(reason, snapshot, background=False)
         info = self.poll_cp(wait=True)
         assert info is not None
@@ -328,6 +342,16 @@ class DModule:
         finally:
             job.done.set()
 
+    def storage_lost(self) -> str | None:
+        """A file system that stopped after a failed CP (not an offline RAID group): this
+        incarnation cannot make its NVLog durable any more. The domain should end, so that
+        the partner remounts the last good root and replays the log."""
+        for served in self.served.values():
+            store = served.store
+            if isinstance(store, FsStore) and store.aggr.fs._dead and not store.aggr.group.offline:
+                return f"node{served.identity}: {store.unusable()}"
+        return None
+
     def cp_running(self) -> bool:
         return self.cp_job is not None
 
@@ -341,6 +365,12 @@ class DModule:
         if job.error is not None:
             for served, blks, _ in job.frozen:  # nothing is lost: the writes go back in the cache
                 served.cache.unfreeze()
+                try:
+                    # One store may have committed before another failed: read its new tree
+                    # (the old one's blocks are free again and a retry CP may reuse them).
+                    served.store.refresh_view()
+                except Exception:  # noqa: BLE001 - a dead file system has no view to refresh
+                    pass
             self.emit("cp_failed", {"reason": job.reason, "error": str(job.error),
                                     "region": self.region_id}, job.t0)
             raise job.error
@@ -360,7 +390,9 @@ class DModule:
                 "identities": sorted(s.identity for s, _, _ in job.frozen),
                 "stalls": self.cp_stalls, "background": job.background}
         self.last_cp_info = info
-        if job.reason != "write_through":
+        # A write-through CP is reported only when it also made replayed regions durable:
+        # the hypervisor lets go of a region on that news.
+        if job.reason != "write_through" or any(r for _, _, r in job.frozen):
             self.emit("cp_done", info, job.t0)
         return info
 
@@ -501,9 +533,14 @@ class DModule:
 
     def snapshot_create(self, identity: int, volume: str, name: str) -> dict[str, Any]:
         """A snapshot holds every write acknowledged before it: it is taken by a CP."""
-        full = self.aggregate(identity).snapshot_name(volume, name)
-        if any(s["name"] == name for s in self.aggregate(identity).snapshot_list(volume)):
+        aggr = self.aggregate(identity)
+        full = aggr.snapshot_name(volume, name)
+        if any(s["name"] == name for s in aggr.snapshot_list(volume)):
             raise BadRequest(f"volume {volume} already has a snapshot {name!r}")
+        why = aggr.unusable()
+        if why is not None:  # its CP would leave this identity out: no snapshot would exist
+            raise RaidOffline(why) if "offline" in why else InvalidState(why)
+        aggr.check_snapshot_room()
         info = self.consistency_point("snapshot", snapshot=(identity, full))
         return {"volume": volume, "snapshot": name, "cp": info}
 

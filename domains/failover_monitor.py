@@ -48,8 +48,8 @@ class FailoverMonitor:
     def _snapshot(self) -> dict[str, Any]:
         try:
             self._last_stats = self.stats()
-        except RuntimeError:
-            pass  # a dict changed under us on the main thread: send the previous figures
+        except Exception:  # noqa: BLE001 - e.g. a dict changed under us on the main thread:
+            pass  # send the previous figures; the heartbeat itself must never stop
         return dict(self._last_stats, loop_age_ms=round((time.monotonic() - self.loop_tick) * 1000, 1))
 
     def _run(self) -> None:

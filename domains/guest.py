@@ -380,9 +380,12 @@ class Guest:
                 self.dmodule.poll_cp()
             except Fenced:
                 raise  # a stale incarnation: the hypervisor has handed our disks on
-            except Exception as exc:  # the CP failed (reported as cp_failed); keep serving
+            except Exception as exc:  # the CP failed (reported as cp_failed)
                 print(f"node{self.node}: consistency point failed: {exc}", file=sys.stderr,
                       flush=True)
+                lost = self.dmodule.storage_lost()
+                if lost is not None:  # end this incarnation: the partner replays our log
+                    raise SystemExit(f"node{self.node}: {lost}; stopping for a takeover")
             # A slice of reconstruction, never beside a running CP (both write the stripes).
             self.bg_busy = not self.dmodule.cp_running() and self.dmodule.background_work()
             now = time.monotonic()

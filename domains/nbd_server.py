@@ -189,6 +189,8 @@ class NbdServer:
         if commit is not None:
             try:
                 commit()  # --ha-mode none: the turn's writes are durable before any reply leaves
+            except Fenced:
+                raise  # a stale incarnation: the loop ends it
             except Exception as exc:  # noqa: BLE001 - whatever it was, those acks must not go
                 self.log(f"group commit failed ({exc}); dropping connections with replies queued")
                 for c in self.conns.values():

@@ -32,7 +32,7 @@ from domains.dmodule import DModule
 from vmemu import datadir
 from vmemu.bus import codec
 from vmemu.bus.rpc import AsyncRpcClient, RpcServer
-from vmemu.errors import BadRequest, UnknownLun, VmemuError
+from vmemu.errors import BadRequest, Fenced, UnknownLun, VmemuError
 
 FORWARD_TIMEOUT_S = 10.0  # a forwarded request outlives a takeover of the owning identity
 
@@ -180,9 +180,12 @@ class NModule:
         if held:
             try:
                 d.commit_pending_writes()
-            except VmemuError as exc:
+            except Fenced:
+                raise  # a stale incarnation: the loop ends it
+            except Exception as exc:  # noqa: BLE001 - no ack for a write not made durable
+                err = exc if isinstance(exc, VmemuError) else VmemuError(f"commit failed: {exc}")
                 for inc, _ in held:
-                    srv.reply_error(inc.peer, inc.request.id, exc)
+                    srv.reply_error(inc.peer, inc.request.id, err)
                 return
             for inc, result in held:
                 srv.reply(inc.peer, inc.request.id, result)
@@ -202,6 +205,8 @@ class NModule:
         self.forwarded += 1
 
         def done(res: Any, err: VmemuError | None) -> None:
+            if srv.sock.closed:
+                return  # the identity was given back meanwhile: the client retries there
             if err is not None:
                 srv.reply_error(inc.peer, req.id, err)
             else:

@@ -35,13 +35,14 @@ from typing import Any
 import msgpack
 
 from storage.blockcache import BLOCK, Blocks
+from storage.lun import check_io
 from storage.names import check_name
 from storage import loopdev
 from storage.disk import OFF_EPOCH, Disk, disk_path
 from storage.raid import DiskDevice, Layout, MemberState, RaidBlockDevice, RaidGroup
 from storage.wafl import Wafl
 from storage.wafl.fs import _Reader
-from storage.wafl.layout import Inode
+from storage.wafl.layout import MAX_SNAPSHOTS, Inode
 from vmemu.errors import BadRequest, InvalidState, OutOfRange
 from vmemu.errors import UnknownLun as NotFound
 
@@ -192,6 +193,7 @@ class Aggregate:
             self._commit_catalog()
         except BaseException:
             del self.volumes[name]  # the catalog on disk never had it
+            self._undo_pending(None)
             raise
         return self.volume_info(name)
 
@@ -235,6 +237,7 @@ class Aggregate:
         except BaseException:
             del self.luns[info.index]
             self.next_lun -= 1
+            self._undo_pending(info.path)
             raise
         return info
 
@@ -255,6 +258,15 @@ class Aggregate:
             if info.path == path:
                 return info
         raise NotFound(f"no LUN {path!r} on node{self.identity}")
+
+    def _undo_pending(self, path: str | None) -> None:
+        """A metadata CP failed: take its file and catalog change back out of the file
+        system's pending state, so a later CP does not commit a half-made LUN or volume."""
+        if self.fs._dead:
+            return  # nothing will commit from this instance any more; the disk is unchanged
+        if path is not None and path in self.fs.dir:
+            self.fs.delete(path)
+        _write_catalog(self.fs, self._catalog())
 
     def _commit_catalog(self) -> None:
         _write_catalog(self.fs, self._catalog())
@@ -303,6 +315,12 @@ class Aggregate:
                 "generation": stats.generation, "fs_ms": round(stats.ms, 3)}
 
     # -- snapshots ---------------------------------------------------------------------------
+    def check_snapshot_room(self) -> None:
+        """Before the CP that would take it: the file system's table has a fixed size."""
+        if len(self.fs.snapshots) >= MAX_SNAPSHOTS:
+            raise OutOfRange(f"the aggregate of node{self.identity} holds {MAX_SNAPSHOTS} "
+                             "snapshots already, the most it can; delete one first")
+
     def snapshot_name(self, volume: str, snap: str) -> str:
         self._volume(volume)
         if not isinstance(snap, str) or not SNAP_RE.match(snap):
@@ -323,6 +341,8 @@ class Aggregate:
 
     def read_snapshot(self, volume: str, snap: str, lun: str, offset: int, length: int) -> bytes:
         full = self.snapshot_name(volume, snap)
+        info = self.lun_by_path(f"{volume}/{lun}")
+        check_io(info.path, info.size, offset, length)
         if not any(s["name"] == full for s in self.fs.snapshot_list()):
             raise NotFound(f"volume {volume} has no snapshot {snap!r}")
         return self.fs.read_snapshot(full, f"{volume}/{lun}", offset, length)
@@ -445,10 +465,14 @@ class Aggregate:
                 "snapshots": {k: v for k, v in rep.snapshot_blocks.items()}}
 
     def df(self) -> dict[str, Any]:
-        d = self.fs.df()
-        return {"capacity": self.capacity(), "used": d.used_active * BLOCK,
-                "snapshot_only": d.used_snapshots_only * BLOCK, "free": d.free * BLOCK,
-                "reserved": self.reserved()}
+        # From the block maps only (fs.df also counts fs.dirty, which the CP thread fills):
+        # this runs on the heartbeat thread, beside a CP.
+        alloc, snap = self.fs.alloc, self.fs.snap_used
+        used = int(alloc.sum())
+        snap_only = int((snap & ~alloc).sum())
+        return {"capacity": self.capacity(), "used": used * BLOCK,
+                "snapshot_only": snap_only * BLOCK,
+                "free": (self.fs.nblocks - used - snap_only) * BLOCK, "reserved": self.reserved()}
 
     # -- replay bookkeeping ------------------------------------------------------------------
     def applied(self) -> dict[int, int]:

@@ -244,8 +244,8 @@ def register(cli: click.Group) -> None:
                       out: str, node: str | None) -> None:
         """Read a LUN as it was in a snapshot."""
         n = parse_size(length)
-        if n > 64 << 20:
-            raise BadRequest("read at most 64M at a time")
+        if n > 1 << 20:
+            raise BadRequest("read at most 1M at a time (the LUN I/O limit)")
         data = manage(obj, "snapshot_read", volume=volume, name=name, lun=lun, offset=offset,
                       length=n, node=node)
         if out == "-":

@@ -48,8 +48,11 @@ to whoever wires this into the D-module.
 from __future__ import annotations
 
 import enum
+import functools
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,6 +62,19 @@ from storage.raid.device import BLOCK_SIZE, BlockDevice
 from storage.raid.errors import BlockUnrecoverable, DeviceFailed, RaidOffline
 from storage.raid.parity import gather_xor, xor_blocks
 from vmemu.errors import InvalidState, OutOfRange
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _locked(fn: F) -> F:
+    """Hold the group's lock: writes (data then parity) and reconstructions of one stripe by
+    different threads (a CP thread, the serving loop) must not interleave."""
+    @functools.wraps(fn)
+    def wrapper(self: "RaidGroup", *args: Any, **kw: Any) -> Any:
+        with self._lock:
+            return fn(self, *args, **kw)
+    return wrapper  # type: ignore[return-value]
 
 
 class Layout(enum.Enum):
@@ -121,6 +137,7 @@ class RaidGroup:
         self.crash_hook: Callable[[str, int], None] | None = None
         self._offline = False
         self._sync_pool: ThreadPoolExecutor | None = None
+        self._lock = threading.RLock()
         # Foreground reads that found a bad block: what status and events report.
         self.read_errors = {"checksum": 0, "repaired": 0, "reconstructed": 0, "unrecoverable": 0}
         self._update_offline()
@@ -175,6 +192,7 @@ class RaidGroup:
             self.rebuild_member = None
         self._update_offline()
 
+    @_locked
     def fail_member(self, m: int) -> None:
         """Fail member m (fault injection at the group level: the device dies)."""
         self.members[m].raw.fail()
@@ -247,20 +265,23 @@ class RaidGroup:
         first = self._read(d, s)
         if first.status == _OK:
             return first.data  # type: ignore[return-value]
-        self._guard()
-        g = self._gather(s)
-        try:
-            value = self._solve(s, d, g)
-        except BlockUnrecoverable:
-            self.read_errors["unrecoverable"] += 1
-            raise
-        if g[d].status == _BAD:
-            self.read_errors["checksum"] += 1
-            self._write(d, s, value)  # repair on read
-            self.read_errors["repaired"] += 1
-        else:
-            self.read_errors["reconstructed"] += 1  # from parity: the member is failed
-        return value
+        # Reconstruction reads the stripe's other blocks and its parity: never halfway through
+        # a write to the same stripe by another thread (the CP thread's data-then-parity).
+        with self._lock:
+            self._guard()
+            g = self._gather(s)
+            try:
+                value = self._solve(s, d, g)
+            except BlockUnrecoverable:
+                self.read_errors["unrecoverable"] += 1
+                raise
+            if g[d].status == _BAD:
+                self.read_errors["checksum"] += 1
+                self._write(d, s, value)  # repair on read
+                self.read_errors["repaired"] += 1
+            else:
+                self.read_errors["reconstructed"] += 1  # from parity: the member is failed
+            return value
 
     def _read_mirror(self, s: int) -> bytes:
         g: list[_Read] = []
@@ -278,6 +299,7 @@ class RaidGroup:
         self.read_errors["unrecoverable"] += 1
         raise BlockUnrecoverable(f"stripe {s}: no mirror holds a verified copy")
 
+    @_locked
     def write_block(self, lba: int, data: bytes) -> None:
         """Write logical block ``lba`` keeping the stripe's redundancy consistent."""
         if len(data) != BLOCK_SIZE:
@@ -323,6 +345,7 @@ class RaidGroup:
             self._write(repair, s, data_blocks[repair])
         self._guard()
 
+    @_locked
     def write_stripe(self, stripe: int, blocks: Sequence[bytes]) -> None:
         """Full-stripe write: logical blocks ``stripe*N .. stripe*N+N-1`` in one go.
 
@@ -345,6 +368,7 @@ class RaidGroup:
         self._write(len(blocks), stripe, xor_blocks(blocks))
         self._guard()
 
+    @_locked
     def write_blocks(self, items: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
         """Write many logical blocks ``(lba, 4 KiB data)``; a later duplicate lba wins.
 
@@ -365,6 +389,7 @@ class RaidGroup:
         rows = np.frombuffer(b"".join(latest.values()), dtype=np.uint8).reshape(-1, BLOCK_SIZE)
         self.write_block_array(lbas, rows)
 
+    @_locked
     def write_block_array(self, lbas: np.ndarray, rows: np.ndarray) -> None:
         """``write_blocks`` for data already in one array: block ``rows[i]`` goes to
         ``lbas[i]`` (lbas unique). The zero-copy entry point for a caller that stages a
@@ -473,6 +498,7 @@ class RaidGroup:
         self._guard()
 
     # -- replacement and rebuild -----------------------------------------------------------
+    @_locked
     def replace(self, m: int, device: BlockDevice) -> None:
         """Put a new device in place of failed member m; ``rebuild_step`` then fills it."""
         if self.state[m] is not MemberState.FAILED:
@@ -490,6 +516,7 @@ class RaidGroup:
         self.rebuild_member = m
         self.rebuild_cursor = 0
 
+    @_locked
     def rebuild_step(self, max_stripes: int) -> RebuildProgress:
         """Reconstruct up to ``max_stripes`` stripes onto the replacement.
 
@@ -559,6 +586,7 @@ class RaidGroup:
         return True
 
     # -- scrub -----------------------------------------------------------------------------
+    @_locked
     def scrub(self, start: int = 0, count: int | None = None) -> ScrubReport:
         """Verify checksums and parity (or mirror agreement) and repair what can be."""
         self._guard()

@@ -165,6 +165,7 @@ def test_volume_lun_and_snapshot_lifecycle_with_bad_input_refused(make_cluster):
         (["volume", "create", "vol1", "--node", "node1", "--size", "4M"], "already exists"),
         (["volume", "create", "1bad", "--node", "node1", "--size", "4M"], "invalid volume name"),
         (["volume", "create", "huge", "--node", "node1", "--size", "10G"], "does not fit"),
+        (["volume", "create", "vol0", "--node", "node1", "--size", "1M"], "root volume"),
         (["volume", "create", "v2", "--node", "node1", "--size", "banana"], "not a size"),
         (["volume", "create", "v2", "--node", "node1", "--size", "0"], "must be positive"),
         (["volume", "create", "v2", "--node", "node9", "--size", "4M"], "unknown node"),
@@ -315,6 +316,9 @@ def test_a_second_disk_failure_takes_raid4_offline_and_nothing_returns_wrong_dat
     assert_one_line_error(vmemu(c.dir, "fsck", "node1"), "raid4 group is offline")
     assert_one_line_error(vmemu(c.dir, "scrub", "node1"), "raid4 group is offline")
     assert_one_line_error(vmemu(c.dir, "disk", "replace", "node1", "d0"), "offline")
+    # A snapshot would be a CP that leaves this aggregate out: refused, not a false success.
+    assert_one_line_error(vmemu(c.dir, "snapshot", "create", "vol0", "late", "--node", "node1"),
+                          "offline")
     assert raid(c)["state"] == "offline"
     # The partner's own aggregate is untouched.
     assert raid(c, "node2")["state"] == "normal"

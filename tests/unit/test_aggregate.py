@@ -375,6 +375,11 @@ def test_snapshot_through_commit_then_read_snapshot(agg) -> None:
         a.read_snapshot("vol0", "nope", "lun0", 0, BLOCK)
     with pytest.raises(BadRequest):
         a.snapshot_name("vol0", "bad name")
+    # A range outside the LUN is refused, never read from somewhere else.
+    with pytest.raises(OutOfRange):
+        a.read_snapshot("vol0", "x", "lun0", -BLOCK, BLOCK)
+    with pytest.raises(BadRequest):
+        a.read_snapshot("vol0", "x", "lun0", 0, 64 << 20)
     a.snapshot_delete("vol0", "x")
     assert a.snapshot_list("vol0") == []
     with pytest.raises(UnknownLun):

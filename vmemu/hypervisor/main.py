@@ -558,7 +558,7 @@ class Hypervisor:
                               f"{what.replace('_', ' ')} is not possible until it returns")
         args.pop("node", None)
         args["identity"] = ident
-        timeout = float(req.args.get("timeout", 60.0))
+        timeout = min(max(float(codec.arg(req, "timeout", (int, float), 60.0)), 1.0), 3600.0)
 
         def done(res: Any, err: VmemuError | None) -> None:
             if err is not None:
@@ -580,7 +580,10 @@ class Hypervisor:
                 return
 
             def made(res: Any, err2: VmemuError | None) -> None:
-                if err2 is not None:
+                # Undo the RDB change only when the aggregate surely refused; after a timeout
+                # or a lost domain the outcome is unknown, and the RDB keeps the name (a
+                # retry then says it exists, rather than the two disagreeing for good).
+                if err2 is not None and err2.code not in ("timeout", "unavailable", "error"):
                     self.rdb_propose(*undo)
                 done(res, err2)
 
@@ -594,6 +597,8 @@ class Hypervisor:
         if what == "volume_create":
             name = codec.arg(req, "name", str)
             check_name(name, "volume")  # the aggregate's rule, before the RDB records it
+            if name == "vol0":
+                raise BadRequest("vol0 is every node's root volume; choose another name")
             return ("volume_create", {"name": name, "node": f"node{ident}",
                                       "size": codec.arg(req, "size", int)},
                     ("volume_delete", {"name": name}))
