@@ -28,16 +28,9 @@ from storage.aggregate import Aggregate
 from storage.blockcache import BlockCache
 from storage.disk import HEADER as DISK_HEADER
 from storage.disk import Disk
-from storage.nvlog import TwoHalfLog, region_logs
+from storage.nvlog import TwoHalfLog, record_payload, region_logs
 from storage.raid.errors import RaidOffline
 from vmemu.errors import BadRequest, Fenced, InvalidState, LogFull, UnknownLun, VmemuError
-
-try:
-    from storage.nvlog import record_payload
-except ImportError:  # before lz4 records existed: the payload is stored as is
-    def record_payload(log: np.ndarray, row: np.ndarray) -> bytes:
-        pos = int(row[F.IDX_POS]) + F.RECORD_HEADER
-        return bytes(log[pos:pos + int(row[F.IDX_LENGTH])])
 
 DEDUP_PER_CLIENT = 8192
 DEDUP_CLIENTS = 1024
@@ -55,7 +48,6 @@ class Served:
     reason: str
     needs_sync: bool = False  # replay wrote to the disks behind the cache's back
     replayed: dict[int, int] = field(default_factory=dict)  # region -> last seq replayed
-    first_request_pending: bool = False
     handles: list[LunHandle] = field(default_factory=list)
     read_errors_seen: dict[str, int] = field(default_factory=dict)
 
@@ -65,6 +57,22 @@ class Served:
 
     def refresh_luns(self) -> None:
         self.handles = self.store.luns()
+
+
+def _count_replay(total: dict[str, Any], index: np.ndarray, count: int, gid: int, min_seq: int,
+                  size: int, bad: int, rows: int, nbytes: int, writes: int) -> None:
+    """Add one LUN's replay of one log to `total`: `records`/`bytes` are the valid records
+    above what the disk holds and their payload; `written*`/`writes` what was written."""
+    rs = index[:count]
+    mine = (rs[:, F.IDX_LUN] == gid) & (rs[:, F.IDX_SEQ] > min_seq)
+    off, length = rs[:, F.IDX_OFFSET], rs[:, F.IDX_LENGTH]
+    fits = (off >= 0) & (length >= 0) & (length <= size) & (off <= size - length)
+    total["records"] += int(np.count_nonzero(mine)) - int(bad)
+    total["bytes"] += int(length[mine & fits].sum())
+    total["bad"] += int(bad)
+    total["written"] += int(rows)
+    total["written_bytes"] += int(nbytes)
+    total["writes"] += int(writes)
 
 
 @dataclass
@@ -475,16 +483,8 @@ class DModule:
             data = record_payload(log, row)
             cache.write(lun.index, int(row[F.IDX_OFFSET]), data)
             nbytes += len(data)
-        rs = index[:count]
-        mine = (rs[:, F.IDX_LUN] == gid) & (rs[:, F.IDX_SEQ] > min_seq)
-        off, length = rs[:, F.IDX_OFFSET], rs[:, F.IDX_LENGTH]
-        fits = (off >= 0) & (length >= 0) & (off <= lun.size - length)
-        total["records"] += int(np.count_nonzero(mine)) - int(bad)
-        total["bytes"] += int(length[mine & fits].sum())
-        total["bad"] += int(bad)
-        total["written"] += int(rows.size)
-        total["written_bytes"] += nbytes
-        total["writes"] += int(rows.size)
+        _count_replay(total, index, count, gid, min_seq, lun.size, bad, rows.size, nbytes,
+                      rows.size)
 
     @staticmethod
     def _replay_onto(disk: Disk, log: np.ndarray, index: np.ndarray, count: int, gid: int,
@@ -492,16 +492,8 @@ class DModule:
         """Plan and pwrite one LUN's records of one region; add the figures to `total`."""
         rows, bad = replay.plan(log, index, count, gid, min_seq, disk.size)
         nbytes, calls = replay.write_plan(log, index, rows, disk.fd, DISK_HEADER, disk.size)
-        rs = index[:count]
-        mine = (rs[:, F.IDX_LUN] == gid) & (rs[:, F.IDX_SEQ] > min_seq)
-        off, length = rs[:, F.IDX_OFFSET], rs[:, F.IDX_LENGTH]
-        fits = (off >= 0) & (length >= 0) & (length <= disk.size) & (off <= disk.size - length)
-        total["records"] += int(np.count_nonzero(mine)) - int(bad)
-        total["bytes"] += int(length[mine & fits].sum())
-        total["bad"] += int(bad)
-        total["written"] += int(rows.size)
-        total["written_bytes"] += int(nbytes)
-        total["writes"] += int(calls)
+        _count_replay(total, index, count, gid, min_seq, disk.size, bad, rows.size, nbytes,
+                      calls)
 
     def _rebuild_dedup(self, log: np.ndarray, index: np.ndarray, count: int, gids: set[int]) -> None:
         for row in index[:count]:

@@ -105,11 +105,6 @@ class FlatStore:
     def unusable(self) -> str | None:
         return None
 
-    def write_through(self, index: int, offset: int, data: bytes) -> None:
-        disk = self.disk_of(index)
-        disk.write(offset, data)
-        disk.sync()
-
     def status(self) -> dict[str, Any]:
         return {"kind": self.kind}
 

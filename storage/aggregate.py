@@ -37,6 +37,7 @@ import msgpack
 from storage.blockcache import BLOCK, Blocks
 from storage.lun import check_io
 from storage.names import check_name
+from storage.names import human_size as _h
 from storage import loopdev
 from storage.disk import OFF_EPOCH, Disk, disk_path
 from storage.raid import DiskDevice, Layout, MemberState, RaidBlockDevice, RaidGroup
@@ -503,13 +504,6 @@ class Aggregate:
             return (f"the file system of node{self.identity} stopped after a failed "
                     "consistency point")
         return None
-
-
-def _h(n: int) -> str:
-    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{n} B"
 
 
 def _write_catalog(fs: Wafl, cat: dict[str, Any]) -> None:

@@ -52,10 +52,6 @@ class BlockCache:
     def frozen_blocks(self) -> int:
         return sum(len(b) for b in self.frozen.values())
 
-    def drop_lun(self, lun: int) -> None:
-        self.active.pop(lun, None)
-        self.frozen.pop(lun, None)
-
     # -- I/O ---------------------------------------------------------------------------------
     def _cached(self, lun: int, b: int) -> bytearray | None:
         buf = self.active.get(lun, {}).get(b)
@@ -84,16 +80,22 @@ class BlockCache:
 
     def read(self, lun: int, offset: int, length: int) -> bytes:
         first, last = offset // BLOCK, (offset + length - 1) // BLOCK
+        start = offset - first * BLOCK
         act, frz = self.active.get(lun), self.frozen.get(lun)
         if not act and not frz:
-            start = offset - first * BLOCK
-            if start == 0 and length % BLOCK == 0:
-                return self.read_committed(lun, first, last - first + 1)
-            return self.read_committed(lun, first, last - first + 1)[start:start + length]
-        out = bytearray(self.read_committed(lun, first, last - first + 1))
-        for b in range(first, last + 1):
+            data = self.read_committed(lun, first, last - first + 1)
+            return data if start == 0 and length % BLOCK == 0 else data[start:start + length]
+        out = bytearray((last - first + 1) * BLOCK)
+        b = first
+        while b <= last:  # cached blocks from the cache; each run of the rest in one read
             buf = self._cached(lun, b)
             if buf is not None:
                 out[(b - first) * BLOCK:(b - first + 1) * BLOCK] = buf
-        start = offset - first * BLOCK
+                b += 1
+                continue
+            e = b
+            while e + 1 <= last and self._cached(lun, e + 1) is None:
+                e += 1
+            out[(b - first) * BLOCK:(e - first + 1) * BLOCK] = self.read_committed(lun, b, e - b + 1)
+            b = e + 1
         return bytes(out[start:start + length])

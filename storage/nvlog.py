@@ -334,9 +334,6 @@ class TwoHalfLog:
     def last_seq(self) -> int:
         return self.active.last_seq
 
-    def used_total(self) -> int:
-        return sum(h.used for h in self.halves)
-
     def fits(self, length: int) -> bool:
         return self.active.fits(length)
 

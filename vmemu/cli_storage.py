@@ -15,6 +15,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from storage.names import human_size as human
 from vmemu.errors import BadRequest, Timeout
 
 console = Console(highlight=False)
@@ -31,15 +32,6 @@ def parse_size(text: str) -> int:
     if n <= 0:
         raise BadRequest(f"size {text!r} must be positive")
     return -(-n // 4096) * 4096
-
-
-def human(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{n} B"
 
 
 def _disk_index(disk: str) -> int:
