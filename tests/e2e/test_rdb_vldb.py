@@ -43,8 +43,12 @@ def test_any_endpoint_serves_any_volume_through_the_vldb(make_cluster):
         b.write_path("vol1/data", 8 * BLOCK, data)
         assert b.read_path("vol1/data", 8 * BLOCK, BLOCK) == data
     # Read back through node1's own endpoint, by path and by index: it really is there.
+    def luns(s):
+        return (s.node("node1").get("storage") or {}).get("luns") or []
+
+    c.wait_for(lambda s: any(l[1] == "vol1/data" for l in luns(s)), 10, "the LUN in status")
     with c.client("node1") as a:
-        lun = next(l for l in c.status().node("node1")["storage"]["luns"] if l[1] == "vol1/data")
+        lun = next(l for l in luns(c.status()) if l[1] == "vol1/data")
         assert a.read(lun[0], 8 * BLOCK, BLOCK) == data
         assert a.read_path("vol1/data", 8 * BLOCK, BLOCK) == data
     # Every replica agrees on the VLDB.

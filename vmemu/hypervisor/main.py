@@ -66,6 +66,7 @@ class Hypervisor:
         # The replicated management database: replicas in the guests, ordered by the driver.
         self.rdb = RdbDriver(self._rdb_call, [f"node{i}" for i in range(1, cfg.nodes + 1)])
         self.rdb_seeded = False
+        self.rdb_retry_at = 0.0
         self.vldb: dict[str, str] = {}  # volume -> owner node, as committed in the RDB
         self.stats: dict[int, dict[str, Any]] = {}
         self.takeovers: dict[int, dict[str, Any]] = {}
@@ -154,6 +155,18 @@ class Hypervisor:
         elif op == "volume_delete":
             self.vldb.pop(args["name"], None)
 
+    def _rdb_retry(self, now: float) -> None:
+        """Once a second: a live domain whose replica the driver parked (its calls kept
+        failing, e.g. while it was busy compiling at a cold boot) gets caught up again."""
+        if now < self.rdb_retry_at:
+            return
+        self.rdb_retry_at = now + 1.0
+        for name, st in self.rdb.status().get("nodes", {}).items():
+            idx = int(name[4:])
+            if st.get("stalled") and self.coord.alive(idx) \
+                    and idx in self.guests and self.coord.region.get(idx):
+                self.rdb.node_up(name)
+
     def _seed_rdb(self) -> None:
         """First time the RDB can take changes: make sure it knows the nodes and HA pairs, and
         read the VLDB it already holds (a data dir used before keeps its volumes).
@@ -218,6 +231,7 @@ class Hypervisor:
             self._check_heartbeats(now)
             self._apply(self.coord.handle(fo.Tick(), now))
             self._sample_metrics(now)
+            self._rdb_retry(now)
             if not self.rdb_seeded:
                 self._seed_rdb()
             if self.stop_requested and not self.coord.shutting_down:
