@@ -30,7 +30,7 @@ from domains.mirror import MirrorReceiver, MirrorSender, mirror_endpoint
 from domains.nbd_server import NbdServer
 from domains.nmodule import NModule
 from domains.rdb_host import RdbHost
-from storage import nvlog, nvlog_format, replay
+from storage import aggregate, nvlog, nvlog_format, replay
 from storage import region as shm
 from vmemu import datadir
 from vmemu.bus import codec
@@ -446,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     die_with_parent(args.hypervisor_pid)
     replay.warm()
+    aggregate.warm()  # the file system's kernels too: a cold compile starves the heartbeat
     guest = Guest(Path(args.data_dir), args.node)
     guest.register()
     try:
