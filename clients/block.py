@@ -19,7 +19,12 @@ from zmq.utils.monitor import recv_monitor_message
 
 from vmemu.bus import codec
 from vmemu.bus.rpc import make_socket, ready_replies
-from vmemu.errors import Timeout, VmemuError, from_wire
+from storage.lun import MAX_IO
+from vmemu.errors import BadRequest, Timeout, VmemuError, from_wire
+
+# What an identity endpoint takes in one frame (domains.nmodule.IDENTITY_MAX_MSG): a client
+# may import the storage constant but not the domain's module.
+FRAME_LIMIT = MAX_IO + (64 << 10)
 
 
 @dataclass
@@ -79,6 +84,11 @@ class BlockClient:
         if op == "write":
             args = dict(args, client=self.client_id)
         frame = codec.encode_request(req_id, op, args)
+        if len(frame) > FRAME_LIMIT:
+            # The server's socket would drop it, and the connection with it, unanswered.
+            raise BadRequest(f"{op}: a request of {len(frame)} bytes is over the "
+                             f"{FRAME_LIMIT}-byte frame limit of an identity endpoint "
+                             f"(at most {MAX_IO} bytes of data a request)")
         now = time.monotonic()
         self.pending[req_id] = Pending(frame, op, now, now, 1, tag)
         self.sock.send(frame)

@@ -37,6 +37,7 @@ class FailoverMonitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-node{node}", daemon=True)
         self._last_stats: dict[str, Any] = {}
+        self.token = ""  # this incarnation's, from the fd broker: proves the beats are ours
 
     def start(self) -> None:
         self._thread.start()
@@ -57,7 +58,8 @@ class FailoverMonitor:
         pid = os.getpid()
         try:
             while not self._stop.is_set():
-                uplink.notify("heartbeat", {"node": self.node, "pid": pid, "stats": self._snapshot()})
+                uplink.notify("heartbeat", {"node": self.node, "pid": pid, "token": self.token,
+                                            "stats": self._snapshot()})
                 self.sent += 1
                 self._stop.wait(self.interval)
         finally:

@@ -26,23 +26,26 @@ import zmq
 from domains import mediator
 from domains.dmodule import DModule
 from domains.failover_monitor import FailoverMonitor
-from domains.mirror import MirrorReceiver, MirrorSender, mirror_endpoint
+from domains.mirror import MirrorReceiver, MirrorSender
 from domains.nbd_server import NbdServer
 from domains.nmodule import NModule
 from domains.rdb_host import RdbHost
 from storage import aggregate, nvlog, nvlog_format, replay
 from storage import region as shm
 from vmemu import datadir
+from vmemu.privfs import set_umask
 from vmemu.bus import codec
 from vmemu.bus.rpc import RpcClient, RpcServer
 from vmemu.config import ClusterConfig, nbd_address, node_index, partner_of
 from vmemu.errors import BadRequest, Fenced, InvalidState, NotGranted, VmemuError
 from vmemu.hypervisor import fdbroker
+from vmemu.throttle import Throttle
 
 PR_SET_PDEATHSIG = 1
 # A CP starts when the active NVLog half is this full, so the switch to the other half comes
 # before a write has to wait for room.
 HALF_FULL = 0.75
+CONTROL_PER_TURN = 64  # control requests answered per loop turn
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -60,18 +63,23 @@ class Guest:
         self.dir = data_dir
         self.node = node
         self.ctx = zmq.Context()
+        self.rundir = datadir.run_dir(info)
         self.uplink = RpcClient(self.ctx, info["control"], timeout=10.0)
-        self.control = RpcServer(self.ctx, datadir.guest_endpoint(self.cfg.cluster_id, node))
-        self.fd_name = datadir.fd_socket_name(self.cfg.cluster_id)
+        self.control = RpcServer(self.ctx, self.rundir.guest(node))
+        self.fd_name = self.rundir.broker()
         self.stop = False
+        self.token = ""  # given by the fd broker when our region is registered
         self.region_fd, self.region, self.region_id = self._allocate_region()
         self.peers: dict[int, RpcClient] = {}
         self.mirror_rx: MirrorReceiver | None = None
         self.mirror_tx: MirrorSender | None = None
         if self.cfg.ha_mode == "mirror":
-            self.mirror_rx = MirrorReceiver(self.ctx, mirror_endpoint(self.cfg.cluster_id, node))
+            owners = {o for o in range(1, self.cfg.nodes + 1)
+                      if partner_of(o, self.cfg.nodes, self.cfg.topology) == node}
+            self.mirror_rx = MirrorReceiver(self.ctx, self.rundir.mirror(node),
+                                            len(self.region), owners)
             self.mirror_rx.start()
-            self.mirror_tx = MirrorSender(self.ctx, self.cfg.cluster_id, node,
+            self.mirror_tx = MirrorSender(self.ctx, self.rundir, node,
                                           partner_of(node, self.cfg.nodes, self.cfg.topology),
                                           self.region_id, self.region, self._mirror_state)
         self.dmodule = DModule(node, data_dir, self.cfg.disks, self.region, self.region_id,
@@ -82,8 +90,11 @@ class Guest:
         # This domain's replica of the management database, on its own disk.
         self.rdb = RdbHost(data_dir / f"node{node}" / "rdb.sqlite", f"node{node}",
                            self.cfg.node_names)
-        self.nmodule = NModule(self.ctx, self.cfg.cluster_id, self.dmodule, node,
+        self.nmodule = NModule(self.ctx, self.rundir, self.dmodule, node,
                                self._first_request, self._vldb_lookup)
+        self.throttle = Throttle()
+        self.nmodule.on_error = lambda ident, op, exc: self._internal_error(
+            "block", op, exc, identity=ident)
         self.nbd = NbdServer(self.dmodule, node, lambda ident: nbd_address(self.cfg, ident),
                              self.nmodule.note_served,
                              lambda msg: print(f"node{node}: {msg}", file=sys.stderr, flush=True))
@@ -117,10 +128,12 @@ class Guest:
                                     fd=self.region_fd)
         if not reply.get("ok"):
             raise NotGranted(reply.get("error", {}).get("message", "registration refused"))
+        # What proves our reports (heartbeats, events) come from this incarnation.
+        self.token = self.monitor.token = str(reply.get("token", ""))
         # The hypervisor now holds the region; our descriptor is no longer needed (the mapping
         # stays), and dropping it means nothing in this process can reopen the memory.
         os.close(self.region_fd)
-        for g in self.uplink.call("grants", {"node": self.node}):
+        for g in self.uplink.call("grants", {"node": self.node, "token": self.token}):
             self._on_grant(int(g["region"]), int(g["owner"]))
 
     def _on_grant(self, region: int, owner: int) -> None:
@@ -131,7 +144,7 @@ class Guest:
         # Before the patent there was no shared memory: the owner copies its log to us.
         peer = self.peers.get(owner)
         if peer is None:  # kept open: a socket closed at once (LINGER 0) would drop the message
-            peer = self.peers[owner] = RpcClient(self.ctx, datadir.guest_endpoint(self.cfg.cluster_id, owner))
+            peer = self.peers[owner] = RpcClient(self.ctx, self.rundir.guest(owner))
         peer.notify("mirror_request", {"region": region})
 
     def _mirror_state(self, in_sync: bool) -> None:
@@ -139,7 +152,8 @@ class Guest:
         is complete: a takeover may replay that copy only if it is."""
         try:
             self.uplink.call("mirror_state", {"node": self.node, "region": self.region_id,
-                                              "in_sync": in_sync}, timeout=5.0)
+                                              "in_sync": in_sync, "token": self.token},
+                             timeout=5.0)
         except VmemuError:
             pass
 
@@ -193,13 +207,23 @@ class Guest:
 
     # -- reporting ---------------------------------------------------------------------------
     def _event(self, kind: str, fields: dict[str, Any], mono: float | None = None) -> None:
-        self.uplink.notify("event", {"node": self.node, "kind": kind, "fields": fields,
+        self.uplink.notify("event", {"node": self.node, "token": self.token, "kind": kind,
+                                     "fields": fields,
                                      "mono": time.monotonic() if mono is None else mono})
 
     def _emit_cp(self, kind: str, info: dict[str, Any], t0: float) -> None:
         if "region" in info:
             info = dict(info, region_hex=f"{info['region']:#x}")
         self._event(kind, info, t0)
+
+    def _internal_error(self, where: str, op: str, exc: BaseException, **fields: Any) -> None:
+        """A request met a bug: it got an error reply; tell Domain 0 (throttled), and keep on."""
+        print(f"node{self.node}: internal error in {where} {op!r}: {exc!r}", file=sys.stderr,
+              flush=True)
+        held = self.throttle.allow(f"{where}:{op}", time.monotonic())
+        if held is not None:
+            self._event("internal_error", dict(fields, where=where, op=op[:64],
+                                               error=repr(exc)[:300], held_back=held))
 
     def _first_request(self, identity: int, mono: float) -> None:
         self._event("first_request", {"identity": identity}, mono)
@@ -227,7 +251,8 @@ class Guest:
             self._on_grant(codec.arg(req, "region", int), codec.arg(req, "owner", int))
             return {}
         if req.op == "mirror_request":
-            if self.mirror_tx is not None and codec.arg(req, "region", int) == self.region_id:
+            region = codec.int_arg(req, "region", 1, codec.U63)
+            if self.mirror_tx is not None and region == self.region_id:
                 log = self.dmodule.log  # both halves: copy up to the end of the later one in use
                 self.mirror_tx.sync(used=max(h.log_off + h.used for h in log.halves))
             return {}
@@ -236,7 +261,9 @@ class Guest:
         if req.op == "stall":
             # For tests and teaching: a main loop that stops turning while the heartbeat thread
             # keeps beating (a deadlock, a livelock). Bounded, so a typo cannot wedge a domain.
-            seconds = min(max(float(req.args.get("seconds", 0)), 0.0), 60.0)
+            seconds = float(codec.arg(req, "seconds", (int, float)))
+            if not 0.0 <= seconds <= 60.0:
+                raise BadRequest("stall: seconds must be between 0 and 60")
             self.stalled_until = time.monotonic() + seconds
             return {"stalling_s": seconds}
         if req.op == "shutdown":
@@ -401,8 +428,12 @@ class Guest:
             d.start_cp(reason)
         self.next_cp = time.monotonic() + self.cfg.cp_interval_s
 
-    def _drain_control(self) -> None:
-        while self.control.sock.poll(0):
+    def _drain_control(self, budget: int = CONTROL_PER_TURN) -> None:
+        """Answer queued control requests, at most `budget` a turn (the rest wait a turn:
+        a flood slows its sender down, never the loop that serves clients)."""
+        for _ in range(budget):
+            if not self.control.sock.poll(0):
+                return
             inc = self.control.recv()
             if inc is None:
                 continue
@@ -411,9 +442,10 @@ class Guest:
             except VmemuError as exc:
                 self.control.reply_error(inc.peer, inc.request.id, exc)
                 continue
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - one request's bug, not the domain's end
                 self.control.reply_error(inc.peer, inc.request.id,
-                                         VmemuError(f"node{self.node}: {exc!r}"))
+                                         VmemuError(f"node{self.node}: internal error: {exc!r}"))
+                self._internal_error("control", inc.request.op, exc)
                 continue
             self.control.reply(inc.peer, inc.request.id, result)
 
@@ -444,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node", type=int, required=True)
     ap.add_argument("--hypervisor-pid", type=int, required=True)
     args = ap.parse_args(argv)
+    set_umask()  # what this domain creates is the cluster user's alone
     die_with_parent(args.hypervisor_pid)
     replay.warm()
     aggregate.warm()  # the file system's kernels too: a cold compile starves the heartbeat

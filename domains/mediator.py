@@ -40,6 +40,7 @@ from pathlib import Path
 from storage import nvlog
 from storage import region as shm
 from vmemu import datadir
+from vmemu.privfs import set_umask
 from vmemu.config import ClusterConfig
 from vmemu.errors import NotGranted, Unavailable, VmemuError, from_wire
 from vmemu.hypervisor import fdbroker
@@ -73,7 +74,7 @@ class Mediator:
     def __init__(self, data_dir: Path) -> None:
         info = datadir.read_cluster(data_dir)
         self.cfg = ClusterConfig.from_dict(info["config"])
-        self.fd_name = datadir.fd_socket_name(self.cfg.cluster_id)
+        self.fd_name = datadir.run_dir(info).broker()
         self.size = region_size(self.cfg)
 
     def allocate(self, node: int) -> int:
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--hypervisor-pid", type=int, required=True)
     args = ap.parse_args(argv)
+    set_umask()  # what this domain creates is the cluster user's alone
     die_with_parent(args.hypervisor_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; Dom0 decides
     mediator = Mediator(Path(args.data_dir))

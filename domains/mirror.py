@@ -19,22 +19,24 @@ from typing import Any, Callable
 import zmq
 
 from vmemu.bus import codec
+from vmemu.datadir import RunDir
 from vmemu.bus.rpc import RpcClient, RpcServer
 from vmemu.errors import BadRequest, VmemuError
 
 MIRROR_TIMEOUT_S = 0.5
 
 
-def mirror_endpoint(cluster_id: str, node: int) -> str:
-    return f"ipc://@vmemu-{cluster_id}-node{node}-mirror"
-
-
 class MirrorReceiver:
     """Holds copies of partners' regions, written only by this thread."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, region_size: int,
+                 owners: set[int]) -> None:
+        """`region_size`: the cluster's NVRAM region size, the only size a copy may have;
+        `owners`: the nodes whose partner we are, the only ones that may mirror to us."""
         self.ctx = ctx
         self.endpoint = endpoint
+        self.region_size = region_size
+        self.owners = owners
         self.copies: dict[int, bytearray] = {}  # region -> copy
         self.owner_of: dict[int, int] = {}
         self.lock = threading.Lock()
@@ -42,6 +44,7 @@ class MirrorReceiver:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mirror-receiver", daemon=True)
         self.received = 0
+        self.errors = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -52,7 +55,8 @@ class MirrorReceiver:
             return self.copies.get(region)
 
     def _run(self) -> None:
-        srv = RpcServer(self.ctx, self.endpoint)
+        # A sync carries a whole region: the one frame here that may pass the bus's usual limit.
+        srv = RpcServer(self.ctx, self.endpoint, max_msg=self.region_size + (1 << 20))
         self._ready.set()
         try:
             while not self._stop.is_set():
@@ -65,20 +69,27 @@ class MirrorReceiver:
                     srv.reply(inc.peer, inc.request.id, self._handle(inc.request))
                 except VmemuError as exc:
                     srv.reply_error(inc.peer, inc.request.id, exc)
+                except Exception as exc:  # noqa: BLE001 - a bad span must not end the thread
+                    self.errors += 1
+                    srv.reply_error(inc.peer, inc.request.id,
+                                    VmemuError(f"mirror: internal error: {exc!r}"))
         finally:
             srv.close()
 
     def _handle(self, req: codec.Request) -> Any:
-        region = codec.arg(req, "region", int)
+        region = codec.int_arg(req, "region", 1, codec.U63)
         if req.op == "sync":
             size = codec.arg(req, "size", int)
             snap = codec.arg(req, "data", bytes)
-            if not 0 < size <= 1 << 33 or len(snap) > size:
-                raise BadRequest("mirror sync: bad size")
+            owner = codec.arg(req, "owner", int)
+            if owner not in self.owners:
+                raise BadRequest(f"mirror sync: node{owner} does not mirror to this node")
+            if size != self.region_size or len(snap) > size:
+                raise BadRequest(f"mirror sync: a copy is {self.region_size} bytes, not {size} "
+                                 f"(with {len(snap)} bytes of data)")
             copy = bytearray(size)
             copy[:len(snap)] = snap
             with self.lock:
-                owner = codec.arg(req, "owner", int)
                 # One current copy per owner, plus the one before (it may still be in a chain).
                 old = [r for r, o in self.owner_of.items() if o == owner and r != region]
                 for r in old[:-1]:
@@ -91,10 +102,12 @@ class MirrorReceiver:
             copy = self.copies.get(region)
             if copy is None:
                 raise BadRequest(f"mirror: no copy of region {region:#x}; sync first")
-            for start, data in codec.arg(req, "spans", list):
-                if not isinstance(start, int) or not isinstance(data, bytes) or start < 0 \
-                        or start + len(data) > len(copy):
-                    raise BadRequest("mirror: span outside the region")
+            spans = codec.arg(req, "spans", list)
+            for span in spans:  # all checked before any is applied: a bad one changes nothing
+                if not (isinstance(span, list) and len(span) == 2 and isinstance(span[0], int)
+                        and isinstance(span[1], bytes) and 0 <= span[0] <= len(copy) - len(span[1])):
+                    raise BadRequest("mirror: a span is not [start, bytes] inside the region")
+            for start, data in spans:
                 copy[start:start + len(data)] = data
             self.received += 1
             return {"ok": True}
@@ -109,10 +122,10 @@ class MirrorReceiver:
 class MirrorSender:
     """The owner's side: every span written to the region goes to the partner before the ack."""
 
-    def __init__(self, ctx: zmq.Context, cluster_id: str, owner: int, partner: int | None,
+    def __init__(self, ctx: zmq.Context, run: RunDir, owner: int, partner: int | None,
                  region_id: int, region: Any, on_state: Callable[[bool], None]) -> None:
         self.ctx = ctx
-        self.cluster_id = cluster_id
+        self.run = run
         self.owner = owner
         self.partner = partner
         self.region_id = region_id
@@ -128,7 +141,7 @@ class MirrorSender:
         if self.partner is None:
             return False
         if self.client is None:
-            self.client = RpcClient(self.ctx, mirror_endpoint(self.cluster_id, self.partner),
+            self.client = RpcClient(self.ctx, self.run.mirror(self.partner),
                                     timeout=MIRROR_TIMEOUT_S)
         try:
             self.client.call("sync", {"region": self.region_id, "owner": self.owner,

@@ -46,6 +46,7 @@ from storage.wafl.fs import _Reader
 from storage.wafl.layout import MAX_SNAPSHOTS, Inode
 from vmemu.errors import BadRequest, InvalidState, OutOfRange
 from vmemu.errors import UnknownLun as NotFound
+from vmemu.privfs import write_atomic
 
 CATALOG = ".vmemu-catalog"
 LAYOUTS = ("raid4", "raid1")
@@ -383,7 +384,7 @@ class Aggregate:
         Disk.create(path, self.identity, m, size)
         if on_loop:
             loopdev.attach(path, data_dir=self.node_dir.parent)
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             os.pwrite(fd, struct.pack("<Q", epoch), OFF_EPOCH)
             os.fsync(fd)
@@ -546,10 +547,4 @@ def _load_state(node_dir: Path, layout: str, ndisks: int) -> dict[str, Any]:
 
 
 def _save_state(node_dir: Path, state: dict[str, Any]) -> None:
-    p = _state_path(node_dir)
-    tmp = p.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        json.dump(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
+    write_atomic(_state_path(node_dir), json.dumps(state).encode(), sync=True)

@@ -234,7 +234,7 @@ def _open_rw(path: Path) -> tuple[Path, int]:
     device's backing file *after* opening cannot be raced by a detach and a reuse.
     """
     target = loopdev.resolve(path)
-    fd = os.open(target, os.O_RDWR | os.O_CLOEXEC)
+    fd = os.open(target, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     if target != path:
         try:
             loopdev.verify_fd(fd, path, str(target))

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmemu.privfs import open_private, write_atomic
 from vmemu.errors import BadRequest, InvalidState, Unavailable
 
 LOOPS_FILE = "loops.json"
@@ -297,7 +298,7 @@ def default_data_dir(image: Path) -> Path:
 @contextmanager
 def _locked(data_dir: Path) -> Iterator[None]:
     """Serialize read-modify-write of loops.json across processes (flock on loops.lock)."""
-    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = open_private(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -323,12 +324,8 @@ def _save(data_dir: Path, loops: dict[str, dict[str, Any]]) -> None:
     if not loops:
         path.unlink(missing_ok=True)
         return
-    tmp = data_dir / (LOOPS_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"version": 1, "loops": loops}, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    write_atomic(path, json.dumps({"version": 1, "loops": loops}, indent=2,
+                                  sort_keys=True).encode(), sync=True)
 
 
 def _ident_of(entry: dict[str, Any]) -> tuple[int, int]:

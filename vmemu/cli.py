@@ -25,6 +25,7 @@ from vmemu import cli_storage
 from vmemu.config import ClusterConfig
 from vmemu.errors import BadRequest, VmemuError
 from vmemu.hypervisor.events import read_events
+from vmemu.privfs import set_umask
 
 console = Console(width=None if sys.stdout.isatty() else 200)
 
@@ -492,6 +493,7 @@ cli_storage.register(cli)
 
 
 def main() -> None:
+    set_umask()  # journals, plots, snapshot reads: the user's alone, like the data dir
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

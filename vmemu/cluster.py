@@ -29,6 +29,7 @@ from vmemu.bus.rpc import RpcClient
 from vmemu.config import ClusterConfig, node_index
 from vmemu.errors import NotRunning, Timeout, VmemuError
 from vmemu.hypervisor.events import read_events
+from vmemu.privfs import ensure_private_dir, open_private
 
 
 @dataclass
@@ -73,7 +74,7 @@ class Control:
         return node_index(name, self.config.nodes)
 
     def endpoint(self, name: str) -> str:
-        return datadir.identity_endpoint(self.config.cluster_id, self.node(name))
+        return datadir.run_dir(self.info).identity(self.node(name))
 
     def close(self) -> None:
         self.rpc.close()
@@ -94,21 +95,18 @@ def pid_alive(pid: int) -> bool:
 
 def launch(data_dir: Path, cfg: ClusterConfig, detach: bool) -> subprocess.Popen:
     """Start the hypervisor process; it refuses (exit 2, one line) if the dir is in use."""
+    ensure_private_dir(data_dir)  # one line if it is someone else's, or open to all
     lock = datadir.DirLock(data_dir)
     if lock.held_by_other():
         lock.acquire()  # raises DataDirInUse naming the holder
-    data_dir.mkdir(parents=True, exist_ok=True)
-    logs = datadir.logs_dir(data_dir)
-    logs.mkdir(parents=True, exist_ok=True)
-    try:
-        datadir.cluster_file(data_dir).unlink()  # a stale one from a crashed run
-    except FileNotFoundError:
-        pass
+    logs = ensure_private_dir(datadir.logs_dir(data_dir), "log dir")
+    datadir.remove_stale(data_dir)  # what a crashed run left: cluster.json, its sockets
     cmd = [sys.executable, "-m", "vmemu.hypervisor.main", "--data-dir", str(data_dir),
            "--config", json.dumps(cfg.to_dict())]
     if not detach:
         cmd += ["--parent-pid", str(os.getpid())]
-    with open(logs / "hypervisor.log", "ab") as log:
+    with os.fdopen(open_private(logs / "hypervisor.log",
+                                os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab") as log:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, close_fds=True)
 

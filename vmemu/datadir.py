@@ -5,6 +5,7 @@
     <data-dir>/events.jsonl   the event log
     <data-dir>/metrics.jsonl  per-domain counters, sampled twice a second
     <data-dir>/logs/          one log file per process
+    <data-dir>/run/           the sockets (see RunDir; elsewhere when the path is too long)
     <data-dir>/nodeN/diskK.img
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -44,31 +47,101 @@ def logs_dir(d: Path) -> Path:
     return d / "logs"
 
 
-def control_endpoint(cluster_id: str) -> str:
-    return f"ipc://@vmemu-{cluster_id}-hv"
+# A unix socket path is at most 107 bytes (sun_path); the longest name below is 9 ("n64.nbd.s").
+SUN_PATH_MAX = 107
+_LONGEST_NAME = 10
 
 
-def guest_endpoint(cluster_id: str, node: int) -> str:
-    return f"ipc://@vmemu-{cluster_id}-node{node}-ctl"
+class RunDir:
+    """Where a running cluster's sockets live: a private (0700) directory, so that no other
+    user can connect to any endpoint, or bind an identity's name before its server does.
 
+    Every endpoint is a filesystem socket in it: the control endpoint, each guest's control
+    and mirror endpoints, each identity's endpoint (bound by whoever serves the identity),
+    the fd broker, and a lock file per identity, held by its server, that keeps a second
+    process of ours from binding the same name (binding a filesystem ipc socket that exists
+    replaces it: the lock is what makes "one server per identity" hold).
 
-def identity_endpoint(cluster_id: str, node: int) -> str:
-    """Where clients reach a node's identity; whoever serves the identity binds it.
-
-    An abstract socket name: a second bind fails while the holder lives and is free the
-    instant it dies, so at most one process serves an identity.
+    `<data-dir>/run` when its path leaves room for the socket names; else, since a data dir
+    can be deep (pytest's tmp_path), `/tmp/vmemu-<uid>/<cluster-id>` (both 0700, checked).
+    The hypervisor chooses it at boot and writes it in cluster.json; everyone else reads it there.
     """
-    return f"ipc://@vmemu-{cluster_id}-node{node}"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def choose(cls, data_dir: Path, cluster_id: str) -> "RunDir":
+        near = data_dir / "run"
+        if len(str(near)) + 1 + _LONGEST_NAME <= SUN_PATH_MAX:
+            return cls(near)
+        return cls(Path(tempfile.gettempdir()) / f"vmemu-{os.geteuid()}" / cluster_id)
+
+    def create(self) -> None:
+        from vmemu.privfs import ensure_private_dir
+
+        if self.path.name != "run":
+            ensure_private_dir(self.path.parent, "socket directory")
+        ensure_private_dir(self.path, "socket directory")
+        for p in self.path.iterdir():  # sockets and locks of a cluster that died here
+            if p.is_socket() or p.suffix == ".lock":
+                p.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def _ep(self, name: str) -> str:
+        return f"ipc://{self.path / name}"
+
+    def control(self) -> str:
+        return self._ep("hv")
+
+    def guest(self, node: int) -> str:
+        return self._ep(f"n{node}c")
+
+    def identity(self, node: int) -> str:
+        """Where clients reach a node's identity; whoever serves the identity binds it."""
+        return self._ep(f"n{node}")
+
+    def identity_lock(self, node: int) -> Path:
+        return self.path / f"n{node}.lock"
+
+    def mirror(self, node: int) -> str:
+        return self._ep(f"n{node}m")
+
+    def broker(self) -> str:
+        return str(self.path / "fd")
+
+    def nbd_socket(self, node: int) -> Path:
+        return self.path / f"n{node}.nbd.s"
 
 
-def fd_socket_name(cluster_id: str) -> str:
-    return f"\0vmemu-{cluster_id}-fd"
+def run_dir(info: dict[str, Any]) -> RunDir:
+    """The run dir of a running cluster, from its cluster.json."""
+    try:
+        return RunDir(info["run_dir"])
+    except KeyError:
+        raise NotRunning("cluster.json names no socket directory: it was written by an older "
+                         "vmemu; stop that cluster and start it again") from None
+
+
+def remove_stale(d: Path) -> None:
+    """Before a new hypervisor starts in `d`: the cluster.json of one that died without
+    cleaning up, and the socket directory it names (only where vmemu puts them)."""
+    try:
+        info = json.loads(cluster_file(d).read_text())
+        run = Path(info.get("run_dir", ""))
+        if run == d / "run" or run.parent.name == f"vmemu-{os.geteuid()}":
+            RunDir(run).remove()
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    cluster_file(d).unlink(missing_ok=True)
 
 
 def write_cluster(d: Path, info: dict[str, Any]) -> None:
-    tmp = d / "cluster.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(cluster_file(d))
+    from vmemu.privfs import write_atomic
+
+    write_atomic(cluster_file(d), json.dumps(info, indent=2).encode())
 
 
 def read_cluster(d: Path) -> dict[str, Any]:
@@ -88,8 +161,10 @@ class DirLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        from vmemu.privfs import ensure_private_dir, open_private
+
+        ensure_private_dir(self.path.parent)
+        fd = open_private(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -104,7 +179,7 @@ class DirLock:
 
     def held_by_other(self) -> bool:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             return False
         try:

@@ -77,7 +77,7 @@ class MemDevice:
 class FileDevice:
     def __init__(self, path: str | os.PathLike[str], nblocks: int | None = None) -> None:
         exists = os.path.exists(path)
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         if nblocks is None:
             if not exists:
                 raise ValueError("nblocks is required to create a device file")

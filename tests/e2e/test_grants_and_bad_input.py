@@ -45,7 +45,7 @@ def test_domain_cannot_map_a_region_it_was_not_granted(make_cluster):
 def test_fd_broker_refuses_a_process_posing_as_a_domain(make_cluster):
     c = make_cluster(nodes=2)
     region = int(c.status().node("node1")["region"], 16)
-    reply, fd = fdbroker.request(datadir.fd_socket_name(c.cfg.cluster_id),
+    reply, fd = fdbroker.request(datadir.run_dir(c.control.info).broker(),
                                  {"op": "map", "node": 2, "region": region})
     assert fd is None and not reply["ok"]
     assert reply["error"]["code"] == "not_granted" and f"pid {os.getpid()}" in reply["error"]["message"]
@@ -53,7 +53,7 @@ def test_fd_broker_refuses_a_process_posing_as_a_domain(make_cluster):
 
 def test_fd_broker_survives_garbage(make_cluster):
     c = make_cluster(nodes=2)
-    name = datadir.fd_socket_name(c.cfg.cluster_id)
+    name = datadir.run_dir(c.control.info).broker()
     for junk in (b"", b"\xc1\xff\x00garbage", msgpack.packb([1, 2, 3]), msgpack.packb({"op": "map"})):
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
             s.settimeout(5)

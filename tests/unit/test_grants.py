@@ -108,3 +108,11 @@ def test_remove_forgets_the_region_and_returns_every_grantee() -> None:
             t.check(R1, node)
     assert t.check(R2, 1) == RO
     assert t.remove(R1) == []
+
+
+def test_read_only_grant_of_an_unsealed_region_is_refused() -> None:
+    """Read-only means the kernel refuses writes: an unsealed memfd would reopen read-write."""
+    t = table(sealed=False)
+    with pytest.raises(NotGranted, match="not write-sealed"):
+        t.grant(R1, 2, RO)
+    assert t.grants == {}

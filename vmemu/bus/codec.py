@@ -19,6 +19,7 @@ import msgpack
 from vmemu.errors import BadFrame, VmemuError
 
 MAX_FRAME = 64 * 1024 * 1024
+U63 = 2**63 - 1  # ids, offsets: what both msgpack and the NVLog's u64 fields carry safely
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,9 @@ def encode_error(req_id: int, err: VmemuError | dict[str, str]) -> bytes:
     return msgpack.packb({"k": "r", "id": req_id, "ok": False, "error": wire}, use_bin_type=True)
 
 
-def decode(frame: bytes) -> Request | Reply:
-    if len(frame) > MAX_FRAME:
-        raise FrameError(f"frame of {len(frame)} bytes exceeds the {MAX_FRAME}-byte limit")
+def decode(frame: bytes, max_frame: int = MAX_FRAME) -> Request | Reply:
+    if len(frame) > max_frame:
+        raise FrameError(f"frame of {len(frame)} bytes exceeds the {max_frame}-byte limit")
     try:
         msg = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
@@ -99,4 +100,20 @@ def arg(req: Request, name: str, kind: type | tuple[type, ...], default: Any = .
         raise BadRequest(f"{req.op}: argument {name!r} has the wrong type")
     if not isinstance(value, kind):
         raise BadRequest(f"{req.op}: argument {name!r} has the wrong type")
+    return value
+
+
+def int_arg(req: Request, name: str, lo: int, hi: int, default: Any = ...) -> int:
+    """An integer argument inside [lo, hi], or BadRequest naming it and the range.
+
+    Every integer a peer sends is checked here, at the edge: msgpack carries anything from
+    -2**63 to 2**64-1, and the value may end up in a fixed-width field further in (the
+    NVLog's u64 request id, a u16 LUN index) where an out-of-range one would raise deep
+    inside the storage code instead of coming back as an answer.
+    """
+    value = arg(req, name, int, default)
+    if not lo <= value <= hi:
+        from vmemu.errors import BadRequest
+
+        raise BadRequest(f"{req.op}: argument {name!r} is {value}, outside {lo}..{hi}")
     return value

@@ -20,12 +20,22 @@ from vmemu.bus import codec
 from vmemu.errors import Timeout, VmemuError, from_wire
 
 
-def make_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
+# Messages queued per peer, each way. With MAXMSGSIZE this bounds what one peer can make a
+# process hold in memory (ZeroMQ counts messages, not bytes, so both limits are needed).
+HWM = 1000
+
+
+def make_socket(ctx: zmq.Context, kind: int, max_msg: int = codec.MAX_FRAME) -> zmq.Socket:
     sock = ctx.socket(kind)
     # A closed socket must never block process exit, and peers come and go by design.
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RECONNECT_IVL, 5)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 50)
+    # A frame larger than this is refused by ZeroMQ while it arrives (the peer is disconnected)
+    # instead of being taken into memory whole and then found too big.
+    sock.setsockopt(zmq.MAXMSGSIZE, max_msg)
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, HWM)
     return sock
 
 
@@ -51,11 +61,12 @@ class Incoming:
 
 
 class RpcServer:
-    def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
-        self.sock = make_socket(ctx, zmq.ROUTER)
+    def __init__(self, ctx: zmq.Context, endpoint: str, max_msg: int = codec.MAX_FRAME) -> None:
+        self.sock = make_socket(ctx, zmq.ROUTER, max_msg)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.sock.bind(endpoint)
         self.endpoint = endpoint
+        self.max_msg = max_msg
         self.bad_frames = 0
 
     def recv(self) -> Incoming | None:
@@ -66,7 +77,7 @@ class RpcServer:
             return None
         peer, frame = parts
         try:
-            msg = codec.decode(frame)
+            msg = codec.decode(frame, self.max_msg)
         except codec.FrameError as exc:
             self.bad_frames += 1
             if exc.request_id is not None:

@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vmemu.privfs import open_append_text
+
 
 class EventLog:
     def __init__(self, path: Path, keep: int = 500) -> None:
         self.path = path
-        self.f = open(path, "a", buffering=1)
+        self.f = open_append_text(path)
         self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=keep)
 
     def emit(self, kind: str, node: int | str | None = None, mono: float | None = None,

@@ -6,8 +6,11 @@ here, over an AF_UNIX socket (SCM_RIGHTS). The broker learns who is asking from 
 descriptors is also what keeps a region alive after its owner is killed: the broker is the
 battery behind the NVRAM.
 
-Wire: one SOCK_SEQPACKET message each way, msgpack maps.
-    {"op": "register", "node": N, "region": R, "sealed": bool}  + 1 fd  -> {"ok": true}
+Wire: one SOCK_SEQPACKET message each way, msgpack maps, one request per connection.
+    {"op": "register", "node": N, "region": R, "sealed": bool}  + 1 fd  -> {"ok": true,
+                                                                      "token": T}
+        T is this incarnation's token: its heartbeats and reports to Domain 0 carry it, so
+        a frame claiming to come from node N without it is known to be forged.
     {"op": "map", "node": N, "region": R}                             -> {"ok": true, "mode": m} + 1 fd
 
 With `--nvram-placement mediator` a third domain, the mediator (node 0 on this wire), allocates
@@ -25,7 +28,9 @@ every region, and two more operations hand it from the mediator to its owner thr
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
 import select
 import socket
 import struct
@@ -41,6 +46,20 @@ from vmemu.hypervisor.grants import RO, GrantTable, Region
 
 MAX_MSG = 4096
 MEDIATOR = 0  # the mediator's index on the broker wire (guests are 1..N)
+MAX_FDS = 4  # descriptors taken with one message (more are cut by the kernel: MSG_CTRUNC)
+MAX_CONNS = 32  # connections waiting for their request; more are closed at once
+CONN_DEADLINE_S = 0.5  # a connection that has not sent its request by then is closed
+ACCEPT_PER_TURN = 16
+ACCEPT_BACKOFF_S = 0.1  # out of descriptors (EMFILE): stop accepting this long, do not spin
+
+
+@dataclass
+class _Conn:
+    """An accepted connection waiting for its one request (never waited for: see _accept)."""
+
+    sock: socket.socket
+    pid: int  # the kernel's word (SO_PEERCRED at connect time), not the request's
+    deadline: float
 
 
 @dataclass
@@ -82,8 +101,19 @@ Emit = Callable[..., Any]
 class FdBroker:
     def __init__(self, name: str, grants: GrantTable, pid_of: Callable[[int], int | None],
                  on_register: Callable[[int, int], None], placement: str = "own",
-                 mediator: MediatorSide | None = None, emit: Emit | None = None) -> None:
+                 mediator: MediatorSide | None = None, emit: Emit | None = None,
+                 region_size: int | None = None, require_sealed: bool = False) -> None:
+        """`region_size`: the only size a region may have (None: any); `require_sealed`:
+        refuse a region that is not write-sealed (a read-only grant of an unsealed memfd
+        could be reopened read-write through /proc)."""
         self.grants = grants
+        self.region_size = region_size
+        self.require_sealed = require_sealed
+        self.tokens: dict[int, str] = {}  # node -> token of its registered incarnation
+        self.registered_by: dict[int, int] = {}  # node -> pid that registered its region
+        self.conns: dict[int, _Conn] = {}
+        self.refused = {"foreign_uid": 0, "too_many": 0, "timeout": 0, "bad": 0}
+        self.accept_paused_until = 0.0
         self.pid_of = pid_of
         self.on_register = on_register
         self.placement = placement
@@ -122,36 +152,104 @@ class FdBroker:
         for fd, _ in self.ep.poll(0):
             if fd == self.sock.fileno():
                 self._accept()
+            elif fd in self.conns:
+                self._serve(self.conns[fd])
             elif fd in self.watched:
                 self.watched[fd]()
 
-    def _accept(self) -> None:
-        try:
-            conn, _ = self.sock.accept()
-        except BlockingIOError:
-            return
-        with conn:
-            conn.settimeout(1.0)  # a stuck client must not stall the hypervisor
-            try:
-                self._serve(conn)
-            except (OSError, ValueError):
-                pass
+    def tick(self, now: float) -> None:
+        """From the hypervisor's loop: close connections past their deadline; resume
+        accepting after an EMFILE pause."""
+        for c in [c for c in self.conns.values() if now >= c.deadline]:
+            self.refused["timeout"] += 1
+            self._close(c)
+        if self.accept_paused_until and now >= self.accept_paused_until:
+            self.accept_paused_until = 0.0
+            self.ep.register(self.sock.fileno(), select.EPOLLIN)
 
-    def _serve(self, conn: socket.socket) -> None:
-        msg, fds, _, _ = socket.recv_fds(conn, MAX_MSG, 4)
+    def _accept(self) -> None:
+        """Take new connections without ever waiting on one: the request is read when it
+        arrives (epoll), so an idle or slow client (anyone's: the socket's directory keeps
+        out other users, and the uid is checked here too) cannot stall Domain 0."""
+        for _ in range(ACCEPT_PER_TURN):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # The pending connection stays in the backlog; polling the listener now
+                    # would report it again at once, for ever: pause instead.
+                    self.ep.unregister(self.sock.fileno())
+                    self.accept_paused_until = time.monotonic() + ACCEPT_BACKOFF_S
+                    self.emit("broker_accept_paused", "hypervisor", error=exc.strerror)
+                return
+            pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET,
+                                                                 socket.SO_PEERCRED, 12))
+            if uid != os.geteuid():
+                self.refused["foreign_uid"] += 1
+                conn.close()
+                continue
+            if len(self.conns) >= MAX_CONNS:
+                self.refused["too_many"] += 1
+                conn.close()
+                continue
+            conn.setblocking(False)
+            c = _Conn(conn, pid, time.monotonic() + CONN_DEADLINE_S)
+            self.conns[conn.fileno()] = c
+            self.ep.register(conn.fileno(), select.EPOLLIN)
+
+    def _close(self, c: _Conn) -> None:
+        fd = c.sock.fileno()
+        self.conns.pop(fd, None)
         try:
-            reply, out_fd = self._handle(conn, msg, fds)
+            self.ep.unregister(fd)
+        except (OSError, ValueError):
+            pass
+        c.sock.close()
+
+    def _serve(self, c: _Conn) -> None:
+        """Read the connection's one request, answer it, close it; never blocks."""
+        try:
+            msg, fds, flags, _ = socket.recv_fds(c.sock, MAX_MSG, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(c)
+            return
+        try:
+            if not msg and not fds:
+                return  # the client went away
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                for fd in fds:
+                    os.close(fd)
+                fds = []
+                raise BadRequest(f"fd broker: request over {MAX_MSG} bytes or "
+                                 f"{MAX_FDS} descriptors")
+            reply, out_fd = self._handle(c.pid, msg, fds)
         except VmemuError as exc:
             for fd in fds:
-                os.close(fd)
+                _close_quietly(fd)
+            self.refused["bad"] += 1
             reply, out_fd = {"ok": False, "error": exc.to_wire()}, None
-        data = msgpack.packb(reply)
-        if out_fd is None:
-            conn.send(data)
-        else:
-            socket.send_fds(conn, [data], [out_fd])
+        except Exception as exc:  # noqa: BLE001 - a bug here must not take Domain 0 down
+            for fd in fds:
+                _close_quietly(fd)
+            self.refused["bad"] += 1
+            reply, out_fd = {"ok": False, "error": VmemuError(
+                f"fd broker: internal error: {exc!r}").to_wire()}, None
+        try:
+            data = msgpack.packb(reply)
+            if out_fd is None:
+                c.sock.send(data, socket.MSG_DONTWAIT)
+            else:
+                socket.send_fds(c.sock, [data], [out_fd], socket.MSG_DONTWAIT)
+        except OSError:
+            pass  # a client that cannot take its answer at once does not get one
+        finally:
+            self._close(c)
 
-    def _handle(self, conn: socket.socket, raw: bytes, fds: list[int]) -> tuple[dict, int | None]:
+    def _handle(self, pid: int, raw: bytes, fds: list[int]) -> tuple[dict, int | None]:
         try:
             msg = msgpack.unpackb(raw)
         except Exception:
@@ -159,9 +257,9 @@ class FdBroker:
         if not isinstance(msg, dict):
             raise BadRequest("fd broker: request is not a map")
         op, node, region_id = msg.get("op"), msg.get("node"), msg.get("region")
-        if not isinstance(node, int) or not isinstance(region_id, int):
-            raise BadRequest("fd broker: node and region must be integers")
-        pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        if not isinstance(node, int) or not isinstance(region_id, int) \
+                or not 0 <= region_id < 2**63:
+            raise BadRequest("fd broker: node and region must be integers (region below 2**63)")
         if node == MEDIATOR:
             if self.mediator is None or self.mediator.pid != pid:
                 raise NotGranted(f"fd broker: pid {pid} is not the mediator")
@@ -189,13 +287,23 @@ class FdBroker:
             raise BadRequest("fd broker: register needs exactly one descriptor")
         fd = fds[0]
         size = shm.size_of(fd)
-        if sealed and not shm.is_write_sealed(fd):
-            raise BadRequest("fd broker: region claims to be sealed but is not")
+        if self.registered_by.get(node) == pid:
+            raise NotGranted(f"fd broker: node{node} (pid {pid}) has registered its region "
+                             "already; one region per incarnation")
+        if self.region_size is not None and size != self.region_size:
+            raise BadRequest(f"fd broker: a region is {self.region_size} bytes, not {size}")
+        if sealed != shm.is_write_sealed(fd):
+            raise BadRequest(f"fd broker: region claims to be {'' if sealed else 'not '}"
+                             f"sealed but is {'not ' if sealed else ''}")
+        if self.require_sealed and not sealed:
+            raise NotGranted("fd broker: this cluster grants read-only access, which needs a "
+                             "write-sealed region; seal it before registering")
+        if region_id in self.held or region_id == 0:
+            raise BadRequest(f"fd broker: region id {region_id:#x} is taken")
         if self.placement != "mediator":
             self.grants.register(Region(region_id, node, size, sealed))
             self.held[region_id] = Held(fd, shm.reopen_read_only(fd), size)
-            self.on_register(node, region_id)
-            return {"ok": True}
+            return self._registered(node, region_id, pid)
         # Mediator placement: only the region the mediator made for this node, handed to this
         # very incarnation, may be registered; we keep our own descriptor of it.
         p = self.pending.get(region_id)
@@ -210,8 +318,23 @@ class FdBroker:
         del self.pending[region_id]
         self.held[region_id] = Held(p.fd, shm.reopen_read_only(p.fd), p.size)
         self._discard(lambda q: q.node == node and q.claimed_by is None, "superseded")
+        return self._registered(node, region_id, pid)
+
+    def _registered(self, node: int, region_id: int, pid: int) -> dict:
+        token = secrets.token_hex(16)
+        self.tokens[node] = token
+        self.registered_by[node] = pid
         self.on_register(node, region_id)
-        return {"ok": True}
+        return {"ok": True, "token": token}
+
+    def forget(self, node: int) -> None:
+        """Node `node`'s incarnation is gone: its token proves nothing any more."""
+        self.tokens.pop(node, None)
+        self.registered_by.pop(node, None)
+
+    def token_ok(self, node: int, token: object) -> bool:
+        want = self.tokens.get(node)
+        return want is not None and isinstance(token, str) and secrets.compare_digest(want, token)
 
     # -- mediator placement --------------------------------------------------------------------
     def _deposit(self, node: int, region_id: int, owner: Any, fds: list[int]) -> dict:
@@ -285,6 +408,10 @@ class FdBroker:
         held = self.held.get(region_id)
         if held is None:
             raise NotGranted(f"region {region_id:#x} is not held by the hypervisor")
+        if mode == RO and not shm.is_write_sealed(held.fd):
+            # The grant table refuses this too; checked again on the memory itself, since an
+            # O_RDONLY descriptor of an unsealed memfd reopens read-write through /proc.
+            raise NotGranted(f"region {region_id:#x} is not write-sealed: no read-only grant")
         return {"ok": True, "mode": mode, "size": held.size}, (held.ro_fd if mode == RO else held.fd)
 
     def free(self, region_id: int) -> None:
@@ -295,6 +422,8 @@ class FdBroker:
         self.grants.remove(region_id)
 
     def close(self) -> None:
+        for c in list(self.conns.values()):
+            self._close(c)
         for rid in list(self.held):
             self.free(rid)
         for p in self.pending.values():
@@ -304,8 +433,30 @@ class FdBroker:
         self.sock.close()
 
 
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 def request(name: str, msg: dict, fd: int | None = None, timeout: float = 5.0) -> tuple[dict, int | None]:
-    """Client side: one request, one reply (and maybe one descriptor)."""
+    """Client side: one request, one reply (and maybe one descriptor).
+
+    A connection the broker closed before answering (it was full of others' idle
+    connections, which it closes at their deadline) is tried again until `timeout`.
+    """
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            return _request_once(name, msg, fd, max(0.05, end - time.monotonic()))
+        except (ConnectionResetError, BrokenPipeError, ConnectionRefusedError):
+            if time.monotonic() >= end:
+                raise
+            time.sleep(0.01)
+
+
+def _request_once(name: str, msg: dict, fd: int | None, timeout: float) -> tuple[dict, int | None]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
         s.settimeout(timeout)
         s.connect(name)
@@ -315,5 +466,7 @@ def request(name: str, msg: dict, fd: int | None = None, timeout: float = 5.0) -
         else:
             socket.send_fds(s, [data], [fd])
         raw, fds, _, _ = socket.recv_fds(s, MAX_MSG, 1)
+    if not raw:
+        raise ConnectionResetError("the fd broker closed the connection without an answer")
     reply = msgpack.unpackb(raw)
     return reply, (fds[0] if fds else None)

@@ -45,6 +45,11 @@ class GrantTable:
         region = self._region(region_id)
         if mode == RW and region.sealed:
             raise NotGranted(f"region {region_id:#x} is write-sealed; only read-only grants exist")
+        if mode == RO and not region.sealed:
+            # An O_RDONLY descriptor of an unsealed memfd reopens read-write through
+            # /proc/self/fd: read-only would be a promise the kernel does not keep.
+            raise NotGranted(f"region {region_id:#x} is not write-sealed; a read-only grant "
+                             "of it could be reopened read-write")
         if grantee == region.owner and region.owner_alive:
             return  # the owner maps its own region directly
         self.grants[(region_id, grantee)] = mode

@@ -39,6 +39,12 @@ from vmemu.hypervisor.fdbroker import FdBroker
 from vmemu.hypervisor.grants import GrantTable
 from vmemu.hypervisor.heartbeat import HeartbeatMonitor
 from vmemu.hypervisor.supervisor import MediatorLink, Supervisor
+from vmemu.privfs import open_append_text, set_umask
+from vmemu.throttle import Throttle
+
+CONTROL_PER_TURN = 256  # control requests answered per loop turn
+# Reports only a guest sends; each must carry its incarnation's token (fdbroker).
+GUEST_OPS = ("heartbeat", "event", "grants", "mirror_state")
 
 
 class Hypervisor:
@@ -47,19 +53,23 @@ class Hypervisor:
         self.lock = datadir.DirLock(data_dir)
         self.lock.acquire()
         self.cfg = cfg = resolve_nbd_port(cfg)  # before cluster.json: guests read the real port
+        self.rundir = datadir.RunDir.choose(data_dir, cfg.cluster_id)
+        self.rundir.create()
         self.ctx = zmq.Context()
         self.events = EventLog(datadir.events_file(data_dir))
         self.grants = GrantTable()
         self.coord = fo.Coordinator(cfg.nodes, cfg.topology, cfg.giveback_delay_s)
         self.monitor = HeartbeatMonitor(cfg.heartbeat_ms / 1000.0, cfg.heartbeat_misses)
         self.sup = Supervisor(data_dir, datadir.logs_dir(data_dir))
-        self.control = RpcServer(self.ctx, datadir.control_endpoint(cfg.cluster_id))
+        self.control = RpcServer(self.ctx, self.rundir.control())
         # --nvram-placement mediator: a third domain allocates every region (domains/mediator.py).
         self.mediator = (MediatorLink(self.sup, self.events.emit, lambda: self.coord.shutting_down)
                          if cfg.nvram_placement == "mediator" else None)
-        self.broker = FdBroker(datadir.fd_socket_name(cfg.cluster_id), self.grants, self._pid_of,
+        self.broker = FdBroker(self.rundir.broker(), self.grants, self._pid_of,
                                self._on_register, placement=cfg.nvram_placement,
-                               mediator=self.mediator, emit=self.events.emit)
+                               mediator=self.mediator, emit=self.events.emit,
+                               region_size=guest_region_size(cfg),
+                               require_sealed=cfg.grant_mode == "ro")
         self.guests: dict[int, AsyncRpcClient] = {}
         self.lun_lists: dict[int, list] = {}  # identity -> [[index, name, size]] from its assign
         self.loop_fds: list[int] = []
@@ -76,7 +86,9 @@ class Hypervisor:
         self.stop_requested = False
         self.parent_fd = os.pidfd_open(parent_pid) if parent_pid else None
         self.started = time.time()
-        self.metrics = open(datadir.metrics_file(data_dir), "a", buffering=1)
+        self.metrics = open_append_text(datadir.metrics_file(data_dir))
+        self.throttle = Throttle()
+        self.forged = 0  # guest reports without the sender's token (dropped)
         self.next_metrics = 0.0
 
     # -- boot --------------------------------------------------------------------------------
@@ -96,7 +108,8 @@ class Hypervisor:
                     self.events.emit("disk_attached", "hypervisor", image=str(p), device=dev)
         datadir.write_cluster(self.dir, {
             "cluster_id": self.cfg.cluster_id, "hypervisor_pid": os.getpid(),
-            "control": self.control.endpoint, "started": self.started,
+            "control": self.control.endpoint, "run_dir": str(self.rundir.path),
+            "started": self.started,
             "config": self.cfg.to_dict(),
         })
         self.events.emit("cluster_up", "hypervisor", nodes=self.cfg.nodes,
@@ -109,13 +122,14 @@ class Hypervisor:
 
     def _spawn(self, node: int) -> None:
         self._apply(self.coord.handle(fo.Spawned(node), time.monotonic()))
+        self.broker.forget(node)
         child = self.sup.spawn(node)
         if self.mediator is not None:
             self.mediator.allocate_for(node)  # every incarnation gets a fresh region
         old = self.guests.pop(node, None)
         if old:
             old.close()
-        self.guests[node] = AsyncRpcClient(self.ctx, datadir.guest_endpoint(self.cfg.cluster_id, node))
+        self.guests[node] = AsyncRpcClient(self.ctx, self.rundir.guest(node))
         self.stats[node] = {}
         self.events.emit("domain_started", node, pid=child.pid)
 
@@ -218,6 +232,7 @@ class Hypervisor:
                 self._drain_control()
             if self.broker.fileno() in ready:
                 self.broker.on_readable()
+            self.broker.tick(time.monotonic())
             for g in list(self.guests.values()):
                 if g.sock in ready:
                     g.on_readable()
@@ -313,6 +328,7 @@ class Hypervisor:
 
     def _fence(self, node: int) -> None:
         code = self.sup.kill(node)
+        self.broker.forget(node)
         self.grants.owner_died(node)
         g = self.guests.pop(node, None)
         if g is not None:
@@ -391,7 +407,7 @@ class Hypervisor:
                          scanned=rep.get("scanned", 0), written=rep.get("written", 0))
         self.events.emit("identity_assumed", act.node, mono=res.get("assumed"),
                          identity=f"node{act.identity}", reason=act.reason,
-                         endpoint=datadir.identity_endpoint(self.cfg.cluster_id, act.identity))
+                         endpoint=self.rundir.identity(act.identity))
         t = self.takeovers.get(act.identity)
         if act.reason == "takeover" and t is not None and t.get("server") == f"node{act.node}":
             st = t["stages"]
@@ -415,8 +431,10 @@ class Hypervisor:
         g.call("release", {"identity": act.identity}, 60.0, done)
 
     # -- control requests --------------------------------------------------------------------
-    def _drain_control(self) -> None:
-        while True:
+    def _drain_control(self, budget: int = CONTROL_PER_TURN) -> None:
+        """Answer queued control requests, at most `budget` a turn: heartbeats, pidfds and
+        takeovers are looked at between turns however fast someone sends."""
+        for _ in range(budget):
             if not self.control.sock.poll(0):
                 return
             inc = self.control.recv()
@@ -428,11 +446,27 @@ class Hypervisor:
                 self.control.reply_error(inc.peer, inc.request.id, exc)
                 continue
             except Exception as exc:  # a bug must not take Domain 0 down with it
-                self.events.emit("internal_error", "hypervisor", op=inc.request.op, error=repr(exc))
+                held = self.throttle.allow(f"control:{inc.request.op[:32]}", time.monotonic())
+                if held is not None:
+                    self.events.emit("internal_error", "hypervisor", op=inc.request.op[:64],
+                                     error=repr(exc)[:300], held_back=held)
                 self.control.reply_error(inc.peer, inc.request.id, VmemuError(f"internal error: {exc!r}"))
                 continue
             if result is not _DEFERRED:
                 self.control.reply(inc.peer, inc.request.id, result)
+
+    def _from_guest(self, req: codec.Request) -> bool:
+        """Does this report come from the live incarnation of the node it names? It must
+        carry the token the fd broker gave that incarnation at registration."""
+        node = req.args.get("node")
+        if isinstance(node, int) and self.broker.token_ok(node, req.args.get("token")):
+            return True
+        self.forged += 1
+        held = self.throttle.allow("forged", time.monotonic())
+        if held is not None:
+            self.events.emit("forged_report", "hypervisor", op=req.op[:32],
+                             claimed=str(node)[:32], held_back=held)
+        return False
 
     def _node_arg(self, req: codec.Request) -> int:
         name = codec.arg(req, "node", (str, int))
@@ -445,6 +479,10 @@ class Hypervisor:
     def _control(self, peer: bytes, req: codec.Request) -> Any:
         op = req.op
         now = time.monotonic()
+        if op in GUEST_OPS and not self._from_guest(req):
+            # Forged, or from an incarnation that is gone: counted, and refused (a heartbeat
+            # is a notification: no answer goes back to its sender at all).
+            raise NotGranted(f"{op}: not from the live incarnation of the node it names")
         if op == "heartbeat":
             node = self._node_arg(req)
             if self.sup.children.get(node) and self.sup.children[node].pid == req.args.get("pid"):
@@ -627,15 +665,28 @@ class Hypervisor:
     def _guest_event(self, req: codec.Request) -> None:
         node = self._node_arg(req)
         kind = codec.arg(req, "kind", str)
-        fields = req.args.get("fields") or {}
-        mono = req.args.get("mono")
+        fields = codec.arg(req, "fields", dict, {})
+        mono = codec.arg(req, "mono", (int, float), None)
+        if not kind.isidentifier() or len(kind) > 64:
+            raise BadRequest("event: kind must be a short identifier")
+        if mono is not None and not 0 <= mono <= time.monotonic() + 1:
+            mono = None  # not a time of this host's clock: stamp it on arrival instead
+        # The event's own keys are ours to set, whatever a sender puts in its fields.
+        fields = {k: v for k, v in fields.items()
+                  if isinstance(k, str) and k not in ("t", "mono", "kind", "node")}
         if kind == "cp_done":
+            idents = fields.get("identities", [])
+            region = fields.get("region", 0)
+            if not (isinstance(idents, list) and all(isinstance(i, int) for i in idents)
+                    and isinstance(region, int)):
+                raise BadRequest("cp_done: identities must be integers, region an integer")
             self.events.emit("cp", node, mono=mono, **fields)
-            self._apply(self.coord.handle(fo.CpDone(node, tuple(fields.get("identities", [])),
-                                                    int(fields.get("region", 0))), time.monotonic()))
+            self._apply(self.coord.handle(fo.CpDone(node, tuple(idents), region), time.monotonic()))
         elif kind == "first_request":
-            ident = int(fields.get("identity", 0))
-            t = self.takeovers.get(ident)
+            ident = fields.get("identity", 0)
+            t = self.takeovers.get(ident) if isinstance(ident, int) else None
+            if mono is None:
+                mono = time.monotonic()
             if t is not None and t.get("server") == f"node{node}" and "first_request_served" not in t["stages"]:
                 t["stages"]["first_request_served"] = round((mono - t["detected"]) * 1000, 3)
                 self.events.emit("takeover_complete", node, identity=f"node{ident}",
@@ -675,7 +726,7 @@ class Hypervisor:
                 "identity_served_by": f"node{ident.served_by}" if ident.served_by else None,
                 "serves": [f"node{i}" for i in self.coord.served(n)],
                 "region": f"{r:#x}" if (r := self.coord.region[n]) else None,
-                "endpoint": datadir.identity_endpoint(self.cfg.cluster_id, n),
+                "endpoint": self.rundir.identity(n),
                 "nbd": {"address": nbd_address(self.cfg, n)[0], "port": self.cfg.nbd_port,
                         "uris": [nbd_uri(self.cfg, n, lun) for lun in lun_ids]},
                 "storage": storage,
@@ -687,7 +738,9 @@ class Hypervisor:
                 "uptime_s": round(time.time() - self.started, 1), "config": self.cfg.to_dict(),
                 "nodes": nodes, "grants": self.grants.rows(),
                 "rdb": dict(self.rdb.status(), ready=self.rdb_seeded and self.rdb.available),
-                "regions_held": len(self.broker.held), "nvram": self.broker.view()}
+                "regions_held": len(self.broker.held), "nvram": self.broker.view(),
+                "refused": dict(self.broker.refused, forged_reports=self.forged,
+                                bad_frames=self.control.bad_frames)}
 
     def _takeover_view(self, identity: int) -> dict | None:
         t = self.takeovers.get(identity)
@@ -733,10 +786,16 @@ class Hypervisor:
             pass
         self.events.close()
         self.metrics.close()
+        self.rundir.remove()
         self.lock.release()
 
 
 _DEFERRED = object()
+
+
+def guest_region_size(cfg: ClusterConfig) -> int:
+    """The size of every guest's NVRAM region (the fd broker refuses any other)."""
+    return (1 << 20) if cfg.ha_mode == "none" else cfg.nvram_mb << 20
 
 
 def _nbd_port_free(host: str, port: int) -> bool:
@@ -780,6 +839,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="cluster config as JSON")
     ap.add_argument("--parent-pid", type=int, default=0)
     args = ap.parse_args(argv)
+    set_umask()
     cfg = ClusterConfig.from_dict(json.loads(args.config))
     data_dir = Path(args.data_dir)
     try:

@@ -30,6 +30,12 @@ if TYPE_CHECKING:
 MEDIATOR = 0  # the mediator's index (as on the fd broker's wire); guests are 1..N
 
 
+def _open_log(path: Path) -> Any:
+    from vmemu.privfs import open_private
+
+    return os.fdopen(open_private(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")
+
+
 @dataclass
 class Child:
     node: int
@@ -55,7 +61,7 @@ class Supervisor:
         """Start the mediator domain; its stdin is the pipe Domain 0 sends requests on."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / "mediator.log"
-        with open(log_path, "ab") as log:
+        with _open_log(log_path) as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "domains.mediator", "--data-dir", str(self.data_dir),
                  "--hypervisor-pid", str(os.getpid())],
@@ -101,7 +107,7 @@ class Supervisor:
         # Two cores shared by many domains: one numba thread each keeps them from fighting.
         env.setdefault("NUMBA_NUM_THREADS", "1")
         env.update(env_extra or {})
-        with open(log_path, "ab") as log:
+        with _open_log(log_path) as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "domains.guest", "--data-dir", str(self.data_dir),
                  "--node", str(node), "--hypervisor-pid", str(os.getpid())],
