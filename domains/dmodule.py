@@ -30,8 +30,11 @@ from storage.disk import HEADER as DISK_HEADER
 from storage.disk import Disk
 from storage.nvlog import TwoHalfLog, record_payload, region_logs
 from storage.raid.errors import RaidOffline
-from vmemu.errors import BadRequest, Fenced, InvalidState, LogFull, UnknownLun, VmemuError
+from vmemu.errors import (BadRequest, Fenced, InvalidState, LogFull, NoSpace, UnknownLun,
+                          VmemuError)
 
+CP_RETRY_S = 0.5  # a failed CP is tried again after this, doubling up to CP_RETRY_MAX_S
+CP_RETRY_MAX_S = 8.0
 DEDUP_PER_CLIENT = 8192
 DEDUP_CLIENTS = 1024
 CARRY_PER_CLIENT = 1024  # how much of the table survives a CP, per client
@@ -157,6 +160,10 @@ class DModule:
         self.last_cp_info: dict[str, Any] = {}
         self.cp_stalls = 0  # writes that waited for a CP because both log halves were full
         self.cp_stall_ms = 0.0
+        # CPs the disks refused (full, I/O errors): the NVLog keeps their writes meanwhile.
+        self.cp_failures = 0  # in a row; 0 once one succeeds
+        self.cp_failing: str | None = None  # the last failure, while they go on failing
+        self.cp_retry_at = 0.0  # the loop starts no CP before this (backoff)
         self.cp_job: CpJob | None = None
         self.pending_commit = False  # --ha-mode none: writes taken, not yet committed
         self.pending_dedup: list[tuple[int, int]] = []
@@ -252,7 +259,11 @@ class DModule:
         if self.pending_commit:
             self.pending_commit = False
             done, self.pending_dedup = self.pending_dedup, []
-            self.consistency_point("write_through")
+            try:
+                self.consistency_point("write_through")
+            except OSError as exc:  # no NVRAM to keep them: these writes are not acknowledged
+                raise NoSpace(f"node{self.node}: the disks refused the write ({exc.strerror or exc}); "
+                              "it was not acknowledged") from exc
             for client, request in done:
                 self.dedup.record(client, request)
             # Into the NVLog before any ack leaves, so that a partner knows these requests
@@ -267,15 +278,28 @@ class DModule:
 
     def _make_room(self, length: int) -> None:
         """The active log half is full: switch halves (a CP starts) or, if the other half is
-        still being flushed by the running CP, wait for that CP first -- a stall."""
+        still being flushed by the running CP, wait for that CP first -- a stall. If the
+        other half is held because CPs fail (the disks refuse writes), refuse: NoSpace."""
         if F.record_size(length) > self.log.capacity:
             raise LogFull(f"a {length}-byte write cannot fit an NVLog half of "
                           f"{self.log.capacity} bytes")
         if self.cp_job is not None:
             t = time.monotonic()
             self.cp_stalls += 1
-            self.poll_cp(wait=True)
+            try:
+                self.poll_cp(wait=True)
+            except Fenced:
+                raise
+            except Exception:  # noqa: BLE001 - reported (cp_failed); refused just below
+                pass
             self.cp_stall_ms += (time.monotonic() - t) * 1000
+        if not self.log.can_switch():
+            # The other half still holds writes no CP has made durable. Refuse now, without
+            # a CP per write: the loop retries CPs (with a backoff) and writes resume when one
+            # succeeds. Everything acknowledged so far is in NVRAM, and stays there.
+            raise NoSpace(f"node{self.node}: NVLog full and consistency points are failing "
+                          f"({self.cp_failing or 'the last one failed'}); new writes are "
+                          "refused until one succeeds, acknowledged ones are safe in NVRAM")
         self.start_cp("log_full")
         if not self.log.fits(length):  # a retried CP does not switch halves: finish it
             self.poll_cp(wait=True)
@@ -375,12 +399,19 @@ class DModule:
                 served.cache.unfreeze()
                 try:
                     # One store may have committed before another failed: read its new tree
-                    # (the old one's blocks are free again and a retry CP may reuse them).
-                    served.store.refresh_view()
+                    # (the old one's blocks are free again and a retry CP may reuse them). One
+                    # whose disks refused the CP's writes is remounted at its last root.
+                    if served.store.recover():
+                        served.store.refresh_view()
                 except Exception:  # noqa: BLE001 - a dead file system has no view to refresh
                     pass
-            self.emit("cp_failed", {"reason": job.reason, "error": str(job.error),
-                                    "region": self.region_id}, job.t0)
+            self.cp_failures += 1
+            self.cp_failing = f"{type(job.error).__name__}: {job.error}"[:300]
+            backoff = min(CP_RETRY_MAX_S, CP_RETRY_S * 2 ** (self.cp_failures - 1))
+            self.cp_retry_at = time.monotonic() + backoff
+            self.emit("cp_failed", {"reason": job.reason, "error": self.cp_failing,
+                                    "region": self.region_id, "failures": self.cp_failures,
+                                    "retry_in_s": backoff}, job.t0)
             raise job.error
         for served, _, replayed in job.frozen:
             served.cache.thaw()
@@ -392,6 +423,10 @@ class DModule:
         self.log.release()
         self.cp_count += 1
         self.last_cp = time.monotonic()
+        if self.cp_failures:
+            self.emit("cp_recovered", {"failures": self.cp_failures, "reason": job.reason,
+                                       "last_error": self.cp_failing}, job.t0)
+            self.cp_failures, self.cp_failing, self.cp_retry_at = 0, None, 0.0
         info = {"reason": job.reason, "blocks": job.result["blocks"],
                 "written": job.result["written"], "ms": round((self.last_cp - job.t0) * 1000, 3),
                 "seq": job.last_seq, "region": self.region_id,

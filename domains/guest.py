@@ -33,7 +33,7 @@ from domains.rdb_host import RdbHost
 from storage import aggregate, nvlog, nvlog_format, replay
 from storage import region as shm
 from vmemu import datadir
-from vmemu.privfs import set_umask
+from vmemu.privfs import lossy_stdio, set_umask
 from vmemu.bus import codec
 from vmemu.bus.rpc import RpcClient, RpcServer
 from vmemu.config import ClusterConfig, nbd_address, node_index, partner_of
@@ -234,7 +234,8 @@ class Guest:
                 "cp_count": d.cp_count, "last_cp": d.last_cp, "serves": sorted(d.served),
                 "mapped": [f"{r:#x}" for r in self.monitor.mapped], "region": f"{d.region_id:#x}",
                 "storage": {str(i): d.storage_summary(i) for i in d.served},
-                "cp": d.last_cp_info or None, "cp_stalls": d.cp_stalls}
+                "cp": d.last_cp_info or None, "cp_stalls": d.cp_stalls,
+                "cp_failing": d.cp_failing, "cp_failures": d.cp_failures}
 
     # -- hypervisor requests -----------------------------------------------------------------
     def _control(self, req: codec.Request) -> Any:
@@ -422,7 +423,7 @@ class Guest:
     def _cp(self, reason: str) -> None:
         """Start a CP in the background (writes go on into the other log half meanwhile)."""
         d = self.dmodule
-        if d.cp_running():
+        if d.cp_running() or time.monotonic() < d.cp_retry_at:
             return  # the timer (or the half-full trigger) fires again once it has finished
         if d.cp_needed():
             d.start_cp(reason)
@@ -450,9 +451,25 @@ class Guest:
             self.control.reply(inc.peer, inc.request.id, result)
 
     def shutdown(self) -> None:
-        """Clean stop: a final CP so the disks hold everything, then let go of all of it."""
+        """Clean stop: a final CP so the disks hold everything, then let go of all of it.
+
+        Domain 0 is told, and waited for, which identities that CP made durable: it keeps
+        (destages) the NVRAM of every other one rather than let it go with the cluster.
+        """
+        report: dict[str, Any] = {"identities": sorted(self.dmodule.served), "ok": False}
         try:
-            self.dmodule.consistency_point("shutdown")
+            info = self.dmodule.consistency_point("shutdown")
+            report = {"identities": info["identities"], "ok": True}
+        except Exception as exc:  # noqa: BLE001 - reported to Domain 0, which keeps the NVRAM
+            report["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            print(f"node{self.node}: the final consistency point failed: {exc}", file=sys.stderr)
+        try:
+            if self.token:
+                self.uplink.call("event", {"node": self.node, "token": self.token,
+                                           "kind": "final_cp", "fields": report,
+                                           "mono": time.monotonic()}, timeout=5.0)
+        except VmemuError:
+            pass  # no answer: Domain 0 keeps this node's NVRAM, as for a node that died
         finally:
             self.monitor.stop()
             if self.mirror_rx is not None:
@@ -477,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hypervisor-pid", type=int, required=True)
     args = ap.parse_args(argv)
     set_umask()  # what this domain creates is the cluster user's alone
+    lossy_stdio()  # a full disk must not turn a printed report into a crash
     die_with_parent(args.hypervisor_pid)
     replay.warm()
     aggregate.warm()  # the file system's kernels too: a cold compile starves the heartbeat

@@ -40,7 +40,7 @@ from pathlib import Path
 from storage import nvlog
 from storage import region as shm
 from vmemu import datadir
-from vmemu.privfs import set_umask
+from vmemu.privfs import lossy_stdio, set_umask
 from vmemu.config import ClusterConfig
 from vmemu.errors import NotGranted, Unavailable, VmemuError, from_wire
 from vmemu.hypervisor import fdbroker
@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hypervisor-pid", type=int, required=True)
     args = ap.parse_args(argv)
     set_umask()  # what this domain creates is the cluster user's alone
+    lossy_stdio()  # a full disk must not turn a printed report into a crash
     die_with_parent(args.hypervisor_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; Dom0 decides
     mediator = Mediator(Path(args.data_dir))

@@ -35,7 +35,7 @@ import zmq
 
 from domains import nbd_proto as P
 from storage.lun import MAX_IO, SECTOR
-from vmemu.errors import BadRequest, Fenced, OutOfRange, UnknownLun, VmemuError
+from vmemu.errors import BadRequest, Fenced, NoSpace, OutOfRange, UnknownLun, VmemuError
 
 TURN_PIECES = 512  # D-module calls per loop turn, over all connections
 TURN_BYTES = 8 << 20  # bytes moved through the D-module per loop turn
@@ -369,6 +369,9 @@ class NbdServer:
             return 0
         except (BadRequest, UnknownLun) as exc:
             self._fail(c, req, P.EINVAL, exc.message)
+            return 0
+        except NoSpace as exc:  # NVLog full while the disks refuse CPs: what NBD calls ENOSPC
+            self._fail(c, req, P.ENOSPC, exc.message)
             return 0
         except VmemuError as exc:
             self._fail(c, req, P.EIO, exc.message)

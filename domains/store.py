@@ -86,6 +86,9 @@ class FlatStore:
     def refresh_view(self) -> None:
         pass
 
+    def recover(self) -> bool:
+        return True  # no file system state: the cache still holds what the CP did not write
+
     def applied(self) -> dict[int, int]:
         # Every disk is written by every CP, so any one holds the same map; take the newest.
         out: dict[int, int] = {}
@@ -141,6 +144,9 @@ class FsStore:
 
     def refresh_view(self) -> None:
         self.aggr.refresh_view()
+
+    def recover(self) -> bool:
+        return self.aggr.recover()
 
     def applied(self) -> dict[int, int]:
         return self.aggr.applied()

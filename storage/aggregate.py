@@ -85,6 +85,7 @@ class Aggregate:
         self.refresh_view()
         self.last_rebuild: dict[str, Any] = {}
         self.scrubbing: dict[str, Any] | None = None
+        self.remounts = 0  # after CPs the disks refused (recover)
         self._rebuild_t0 = time.monotonic()
         if group.rebuild_member is not None:  # a rebuild resumed at open (from stripe 0)
             self.last_rebuild = {"disk": f"d{group.rebuild_member}", "started": time.time(),
@@ -194,7 +195,7 @@ class Aggregate:
         try:
             self._commit_catalog()
         except BaseException:
-            del self.volumes[name]  # the catalog on disk never had it
+            self.volumes.pop(name, None)  # the catalog on disk never had it
             self._undo_pending(None)
             raise
         return self.volume_info(name)
@@ -210,6 +211,7 @@ class Aggregate:
             self._commit_catalog()
         except BaseException:
             self.volumes[name] = vol
+            self._undo_pending(None)
             raise
 
     def _volume(self, name: str) -> dict[str, Any]:
@@ -247,7 +249,12 @@ class Aggregate:
         info = self.lun(index)
         self.fs.delete(info.path)
         del self.luns[index]
-        self._commit_catalog()
+        try:
+            self._commit_catalog()
+        except BaseException:
+            self.luns[index] = info
+            self._undo_pending(None)
+            raise
 
     def lun(self, index: int) -> LunInfo:
         info = self.luns.get(index)
@@ -265,10 +272,33 @@ class Aggregate:
         """A metadata CP failed: take its file and catalog change back out of the file
         system's pending state, so a later CP does not commit a half-made LUN or volume."""
         if self.fs._dead:
-            return  # nothing will commit from this instance any more; the disk is unchanged
+            # Nothing more commits from that instance; if the disks refused a write (full,
+            # I/O error), remount what they hold, which is the catalog before the change.
+            self.recover()
+            return
         if path is not None and path in self.fs.dir:
             self.fs.delete(path)
         _write_catalog(self.fs, self._catalog())
+
+    def recover(self) -> bool:
+        """After a CP the disks refused (an OSError: no space, an I/O error): remount the last
+        committed root, so the file system serves and commits again once the disks take
+        writes. The dirty data is not lost: the D-module keeps it (cache and NVLog) and the
+        next CP writes it again. Not after any other failure (a simulated crash, a bug):
+        then the file system stays stopped and its domain ends, for the partner to replay.
+
+        True if the file system is usable (again).
+        """
+        if not self.fs._dead:
+            return True
+        if not isinstance(self.fs.death, OSError):
+            return False
+        fs = Wafl.mount(self.dev)
+        self.fs = fs
+        self._load_catalog()
+        self.refresh_view()
+        self.remounts += 1
+        return True
 
     def _commit_catalog(self) -> None:
         _write_catalog(self.fs, self._catalog())

@@ -162,7 +162,7 @@ class Disk:
         if dfd is not None:
             _pwrite_direct(dfd, data, HEADER + offset)
             return
-        os.pwrite(self.fd, data, HEADER + offset)
+        pwrite_all(self.fd, data, HEADER + offset)
 
     def data_array(self) -> np.ndarray:
         """A writable shared mapping of the data area: the replay kernels write through it."""
@@ -190,7 +190,7 @@ class Disk:
         raw = msgpack.packb(dict(items))
         if 44 + len(raw) > HEADER:
             raise ValueError("applied map does not fit in the disk header")
-        os.pwrite(self.fd, struct.pack("<I", len(raw)) + raw, 40)
+        pwrite_all(self.fd, struct.pack("<I", len(raw)) + raw, 40)
         os.fdatasync(self.fd)
 
 
@@ -273,6 +273,15 @@ def _pread_direct(fd: int, length: int, pos: int) -> bytes:
         return buf[:done]
     finally:
         buf.close()
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
+    """pwrite every byte: a write the file system can only partly place (a full disk) comes
+    back short, not as an error, and the next pwrite is what raises ENOSPC."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], pos + done)
 
 
 def _pwrite_direct(fd: int, data: bytes | memoryview, pos: int) -> None:

@@ -170,12 +170,18 @@ def up(obj: Ctx, nodes: int, topology: str, detach: bool, heartbeat_ms: int, hea
 def down(obj: Ctx) -> None:
     """Stop the cluster cleanly: a final consistency point on every domain."""
     ctl = obj.control()
-    pid = ctl.info["hypervisor_pid"]
-    ctl.call("shutdown", timeout=60)
+    res = ctl.call("shutdown", timeout=60) or {}
     end = time.monotonic() + 30
     while time.monotonic() < end and datadir.cluster_file(obj.dir).exists():
         time.sleep(0.05)
-    _ = pid
+    kept = res.get("kept") or []
+    if kept:
+        idents = sorted({i for k in kept for i in k["identities"]})
+        click.echo(f"vmemu: cluster stopped, but the final consistency point of "
+                   f"{', '.join(idents)} did not complete: their NVRAM ({len(kept)} region"
+                   f"{'s' if len(kept) > 1 else ''}) is kept in {Path(kept[0]['file']).parent} "
+                   "and the next `vmemu up` replays it")
+        sys.exit(3)
     click.echo("vmemu: cluster stopped, every domain ended with a consistency point")
 
 

@@ -72,11 +72,19 @@ class LogFull(VmemuError):
     code = "log_full"
 
 
+class NoSpace(VmemuError):
+    """The NVLog is full and the consistency points that would empty it cannot write (the
+    disks' file system is full, or fails writes): nothing more is acknowledged until one
+    succeeds. What was acknowledged before stays in NVRAM."""
+
+    code = "no_space"
+
+
 _BY_CODE: dict[str, type[VmemuError]] = {
     cls.code: cls
     for cls in (
         VmemuError, BadRequest, BadFrame, OutOfRange, UnknownLun, UnknownNode, NotGranted,
-        Fenced, Unavailable, Timeout, NotRunning, DataDirInUse, InvalidState, LogFull,
+        Fenced, Unavailable, Timeout, NotRunning, DataDirInUse, InvalidState, LogFull, NoSpace,
     )
 }
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 import tempfile
 from pathlib import Path
-from typing import IO
+from typing import Any
 
 from vmemu.errors import BadRequest
 
@@ -66,12 +67,6 @@ def open_private(path: Path, flags: int, mode: int = 0o600) -> int:
     return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
 
 
-def open_append_text(path: Path) -> IO[str]:
-    """A log file opened for appending lines (O_APPEND: one write, one place)."""
-    fd = open_private(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    return os.fdopen(fd, "a", buffering=1)
-
-
 def write_atomic(path: Path, data: bytes, sync: bool = False) -> None:
     """Replace `path` with `data` in one step: a private temp file beside it, then rename.
 
@@ -92,3 +87,37 @@ def write_atomic(path: Path, data: bytes, sync: bool = False) -> None:
         except OSError:
             pass
         raise
+
+
+class LossyStream:
+    """A process's stdout/stderr (its log file) that never raises: a line that cannot be
+    written (the disk is full) is dropped and counted. A domain reports a problem by
+    printing it; the report must not become a second, fatal, problem."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.dropped = 0
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            self.dropped += 1
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            self.dropped += 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def lossy_stdio() -> None:
+    """stdout and stderr of this process as LossyStreams (each vmemu process calls it first)."""
+    if not isinstance(sys.stdout, LossyStream):
+        sys.stdout = LossyStream(sys.stdout)  # type: ignore[assignment]
+    if not isinstance(sys.stderr, LossyStream):
+        sys.stderr = LossyStream(sys.stderr)  # type: ignore[assignment]

@@ -363,6 +363,7 @@ class Wafl:
         self._pending_snap_delete: str | None = None
         self.crash_after_writes: int | None = None
         self._dead = False
+        self.death: BaseException | None = None  # what stopped it (see cp)
         self._stage = _Stage()
         nbytes = _bitmap_bytes(dev.nblocks)
         self._bmap_padded = ((nbytes + BS - 1) // BS) * BS
@@ -561,8 +562,11 @@ class Wafl:
         plan = self._plan()  # may raise WaflNoSpace; nothing is changed then
         try:
             return self._commit(plan, t0)
-        except BaseException:
+        except BaseException as exc:
+            # Memory may now be ahead of the disk (a partial commit): nothing more from this
+            # instance. The disks still hold the last committed root, which a mount reads.
             self._dead = True
+            self.death = exc
             raise
 
     @property

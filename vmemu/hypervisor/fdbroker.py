@@ -414,6 +414,13 @@ class FdBroker:
             raise NotGranted(f"region {region_id:#x} is not write-sealed: no read-only grant")
         return {"ok": True, "mode": mode, "size": held.size}, (held.ro_fd if mode == RO else held.fd)
 
+    def hold_restored(self, region_id: int, owner: int, fd: int, size: int) -> None:
+        """A region destaged at the last stop, loaded back (sealed) before any domain runs:
+        held and granted like the region of a node that died."""
+        self.grants.register(Region(region_id, owner, size, sealed=True, owner_alive=False,
+                                    allocator="destage"))
+        self.held[region_id] = Held(fd, shm.reopen_read_only(fd), size)
+
     def free(self, region_id: int) -> None:
         held = self.held.pop(region_id, None)
         if held is not None:

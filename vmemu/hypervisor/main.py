@@ -30,16 +30,17 @@ from vmemu import datadir
 from vmemu.bus import codec
 from vmemu.bus.rpc import AsyncRpcClient, RpcServer
 from vmemu.config import ClusterConfig, nbd_address, nbd_uri, node_index, partner_of
-from vmemu.errors import (BadRequest, InvalidState, NotGranted, Unavailable, UnknownLun,
-                          UnknownNode, VmemuError)
+from vmemu.errors import (BadRequest, InvalidState, NoSpace, NotGranted, Unavailable,
+                          UnknownLun, UnknownNode, VmemuError)
 from vmemu.hypervisor import failover as fo
-from vmemu.hypervisor.events import EventLog
+from vmemu.hypervisor.destage import Destage, Keeper
+from vmemu.hypervisor.events import EventLog, LineFile
 from vmemu.hypervisor.rdb_driver import RdbDriver
 from vmemu.hypervisor.fdbroker import FdBroker
 from vmemu.hypervisor.grants import GrantTable
 from vmemu.hypervisor.heartbeat import HeartbeatMonitor
 from vmemu.hypervisor.supervisor import MediatorLink, Supervisor
-from vmemu.privfs import open_append_text, set_umask
+from vmemu.privfs import lossy_stdio, set_umask
 from vmemu.throttle import Throttle
 
 CONTROL_PER_TURN = 256  # control requests answered per loop turn
@@ -86,7 +87,10 @@ class Hypervisor:
         self.stop_requested = False
         self.parent_fd = os.pidfd_open(parent_pid) if parent_pid else None
         self.started = time.time()
-        self.metrics = open_append_text(datadir.metrics_file(data_dir))
+        self.metrics = LineFile(datadir.metrics_file(data_dir))
+        # NVRAM destaged across a stop (not in --ha-mode none: nothing is kept in NVRAM there).
+        self.keeper = (Keeper(Destage(data_dir, guest_region_size(cfg), cfg.nodes), self.broker,
+                              self.coord, self.events.emit) if cfg.ha_mode != "none" else None)
         self.throttle = Throttle()
         self.forged = 0  # guest reports without the sender's token (dropped)
         self.next_metrics = 0.0
@@ -115,6 +119,8 @@ class Hypervisor:
         self.events.emit("cluster_up", "hypervisor", nodes=self.cfg.nodes,
                          topology=self.cfg.topology, pid=os.getpid(), nbd_port=self.cfg.nbd_port,
                          nvram_placement=self.cfg.nvram_placement)
+        if self.keeper is not None:
+            self.keeper.restore()  # NVRAM kept at the last stop: replayed by the first assigns
         if self.mediator is not None:
             self.mediator.start()
         for n in range(1, self.cfg.nodes + 1):
@@ -262,8 +268,8 @@ class Hypervisor:
         sample = {n: {"ops": st.get("ops", 0), "nvlog_used": st.get("nvlog_used", 0),
                       "serves": st.get("serves", [])}
                   for n, st in self.stats.items() if st and self.coord.alive(n)}
-        self.metrics.write(json.dumps({"t": round(time.time(), 4), "mono": round(now, 4),
-                                       "nodes": {f"node{n}": v for n, v in sample.items()}}) + "\n")
+        self.metrics.write_line(json.dumps({"t": round(time.time(), 4), "mono": round(now, 4),
+                                            "nodes": {f"node{n}": v for n, v in sample.items()}}))
 
     def _signalled(self, signum: int, frame: Any) -> None:
         self.stop_requested = True
@@ -324,6 +330,8 @@ class Hypervisor:
                 self._release(act)
             elif isinstance(act, fo.FreeRegion):
                 self.broker.free(act.region)
+                if self.keeper is not None:
+                    self.keeper.freed(act.region)
                 self.events.emit("region_freed", "hypervisor", region=f"{act.region:#x}")
 
     def _fence(self, node: int) -> None:
@@ -682,6 +690,17 @@ class Hypervisor:
                 raise BadRequest("cp_done: identities must be integers, region an integer")
             self.events.emit("cp", node, mono=mono, **fields)
             self._apply(self.coord.handle(fo.CpDone(node, tuple(idents), region), time.monotonic()))
+        elif kind == "final_cp":
+            idents = fields.get("identities", [])
+            if not (isinstance(idents, list) and all(isinstance(i, int) for i in idents)):
+                raise BadRequest("final_cp: identities must be integers")
+            mine = [i for i in idents if self.coord.identities.get(i) is not None
+                    and self.coord.identities[i].served_by == node]
+            if fields.get("ok") is True and self.keeper is not None:
+                self.keeper.final_durable.update(mine)
+            self.events.emit("final_cp" if fields.get("ok") is True else "final_cp_failed",
+                             node, mono=mono, identities=[f"node{i}" for i in mine],
+                             error=str(fields.get("error", ""))[:300] or None)
         elif kind == "first_request":
             ident = fields.get("identity", 0)
             t = self.takeovers.get(ident) if isinstance(ident, int) else None
@@ -764,6 +783,22 @@ class Hypervisor:
         if self.sup.children and now < self.shutdown_deadline:
             return False
         self.sup.stop_all(grace=2.0)
+        if self.keeper is None:
+            return True
+        if not self.stop_requested:
+            return False  # halted, holding NVRAM it could not keep: waits for another `down`
+        self.stop_requested = False
+        try:
+            self.keeper.keep_unsaved()
+        except OSError as exc:
+            msg = (f"cannot stop: NVRAM holds acknowledged writes that are not on disk, and "
+                   f"there is no room to keep them in {self.keeper.destage.dir} "
+                   f"({exc.strerror or exc}); free space there and run `vmemu down` again")
+            self.events.emit("destage_failed", "hypervisor", error=str(exc), message=msg)
+            if self.stopping is not None:
+                self.control.reply_error(self.stopping[0], self.stopping[1], NoSpace(msg))
+                self.stopping = None
+            return False
         return True
 
     def close(self) -> None:
@@ -777,7 +812,8 @@ class Hypervisor:
             g.close()
         self.broker.close()
         if self.stopping is not None:
-            self.control.reply(self.stopping[0], self.stopping[1], {"stopped": True})
+            self.control.reply(self.stopping[0], self.stopping[1], {
+                "stopped": True, "kept": self.keeper.kept if self.keeper is not None else []})
         self.control.close()
         self.ctx.term()
         try:
@@ -840,6 +876,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parent-pid", type=int, default=0)
     args = ap.parse_args(argv)
     set_umask()
+    lossy_stdio()  # a full disk must not turn a printed report into a crash
     cfg = ClusterConfig.from_dict(json.loads(args.config))
     data_dir = Path(args.data_dir)
     try:
