@@ -248,7 +248,8 @@ class DModule:
 
     # -- consistency points ------------------------------------------------------------------
     def cp_needed(self) -> bool:
-        return self.writes_since_cp > 0 or any(s.needs_sync for s in self.served.values())
+        return (self.writes_since_cp > 0 or self.cp_failures > 0  # a failed CP is retried
+                or any(s.needs_sync for s in self.served.values()))
 
     def log_fill(self) -> float:
         """How full the active log half is."""
@@ -380,7 +381,8 @@ class DModule:
         the partner remounts the last good root and replays the log."""
         for served in self.served.values():
             store = served.store
-            if isinstance(store, FsStore) and store.aggr.fs._dead and not store.aggr.group.offline:
+            if isinstance(store, FsStore) and store.aggr.fs._dead and not store.aggr.group.offline \
+                    and not store.aggr.recoverable():
                 return f"node{served.identity}: {store.unusable()}"
         return None
 

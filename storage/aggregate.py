@@ -86,6 +86,7 @@ class Aggregate:
         self.last_rebuild: dict[str, Any] = {}
         self.scrubbing: dict[str, Any] | None = None
         self.remounts = 0  # after CPs the disks refused (recover)
+        self.remount_failed = False
         self._rebuild_t0 = time.monotonic()
         if group.rebuild_member is not None:  # a rebuild resumed at open (from stripe 0)
             self.last_rebuild = {"disk": f"d{group.rebuild_member}", "started": time.time(),
@@ -291,14 +292,24 @@ class Aggregate:
         """
         if not self.fs._dead:
             return True
-        if not isinstance(self.fs.death, OSError):
+        if not self.recoverable():
             return False
-        fs = Wafl.mount(self.dev)
+        try:
+            fs = Wafl.mount(self.dev)
+        except Exception:
+            self.remount_failed = True
+            raise
         self.fs = fs
         self._load_catalog()
         self.refresh_view()
         self.remounts += 1
         return True
+
+    def recoverable(self) -> bool:
+        """A file system stopped by a CP the disks refused, not yet remounted: it serves on
+        (writes go to the NVLog and the cache, reads to its committed view) meanwhile."""
+        return (self.fs._dead and isinstance(self.fs.death, OSError)
+                and not self.remount_failed)
 
     def _commit_catalog(self) -> None:
         _write_catalog(self.fs, self._catalog())
@@ -531,7 +542,7 @@ class Aggregate:
             failed = [f"d{m}" for m, st in enumerate(self.group.state) if st is not MemberState.OK]
             return (f"the {self.group.layout.value} aggregate of node{self.identity} is offline: "
                     f"disks {', '.join(failed)} failed, more than it survives")
-        if self.fs._dead:
+        if self.fs._dead and not self.recoverable():
             return (f"the file system of node{self.identity} stopped after a failed "
                     "consistency point")
         return None
