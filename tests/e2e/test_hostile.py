@@ -281,3 +281,54 @@ def test_an_oversized_frame_is_refused_as_it_arrives(cluster: Cluster) -> None:
         assert b.read(0, 4096, 4096) == b"q" * 4096
     assert snapshot(cluster) == before
     no_failures(cluster)
+
+
+MIRROR_OPS = {"sync": ["region", "size", "data", "owner"], "span": ["region", "spans"]}
+
+
+def test_poison_frames_on_the_mirror_receiver(make_cluster) -> None:
+    """--ha-mode mirror: the partner's copy of a region is written only by valid frames."""
+    c = make_cluster(nodes=2, ha_mode="mirror")
+    c.wait_for(lambda s: all(n["takeover_possible"] for n in s.nodes), 30, "mirrors in sync")
+    before = snapshot(c)
+    region = int(c.status().node("node1")["region"], 16)
+    frames = frames_for(MIRROR_OPS, 1)
+    # Valid in shape, wrong in substance: a copy for a node that does not mirror here, a size
+    # that is not the cluster's, spans past the end or half bad (none of them may be applied).
+    bad = [("sync", {"region": region, "owner": 2, "size": 16 << 20, "data": b""}),
+           ("sync", {"region": region, "owner": 1, "size": 1 << 33, "data": b""}),
+           ("span", {"region": region, "spans": [[0, b"x" * 8], [(16 << 20) - 4, b"y" * 8]]}),
+           ("span", {"region": region, "spans": [[-8, b"x"]]}),
+           ("span", {"region": region, "spans": [[0, "text"]]})]
+    for op, args in bad:
+        rid = len(frames) + 1
+        frames.append((rid, codec.encode_request(rid, op, args)))
+    ctx = zmq.Context()
+    try:
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(run_dir(c).mirror(2))
+        for _, f in frames:
+            s.send(f)
+        replies: dict[int, codec.Reply] = {}
+        end = time.monotonic() + 60
+        while len(replies) < len(frames) and time.monotonic() < end:
+            if s.poll(200):
+                msg = codec.decode(s.recv())
+                assert isinstance(msg, codec.Reply)
+                replies[msg.id] = msg
+        s.close()
+    finally:
+        ctx.term()
+    assert len(replies) == len(frames)
+    assert not [r for r in replies.values() if r.ok]
+    assert "error" not in {r.error["code"] for r in replies.values() if r.error}
+    assert snapshot(c) == before
+    no_failures(c)
+    # The copy was not touched: a takeover replays node1's acknowledged writes from it.
+    with c.client("node1") as b:
+        b.write(0, 0, b"m" * 4096)
+    c.crash("node1")
+    c.wait_for(lambda st: st.node("node1")["identity_served_by"] == "node2", 30, "takeover")
+    with c.client("node1") as b:
+        assert b.read(0, 0, 4096) == b"m" * 4096

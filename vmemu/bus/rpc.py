@@ -39,9 +39,10 @@ def make_socket(ctx: zmq.Context, kind: int, max_msg: int = codec.MAX_FRAME) -> 
     return sock
 
 
-def ready_replies(sock: zmq.Socket) -> Iterator[codec.Reply]:
-    """Every reply already queued on a DEALER, decoded; undecodable frames are dropped."""
-    while True:
+def ready_replies(sock: zmq.Socket, limit: int = 1024) -> Iterator[codec.Reply]:
+    """Replies already queued on a DEALER (at most `limit`: the rest wait for the next turn),
+    decoded; undecodable frames are dropped."""
+    for _ in range(limit):
         try:
             frame = sock.recv(zmq.NOBLOCK)
         except zmq.Again:
