@@ -30,7 +30,7 @@ from domains.mirror import MirrorReceiver, MirrorSender, mirror_endpoint
 from domains.nbd_server import NbdServer
 from domains.nmodule import NModule
 from domains.rdb_host import RdbHost
-from storage import aggregate, nvlog, nvlog_format, replay
+from storage import aggregate, nvlog, nvlog_check, nvlog_format, replay
 from storage import region as shm
 from vmemu import datadir
 from vmemu.bus import codec
@@ -313,11 +313,11 @@ class Guest:
             mirrored = bool(item[2]) if len(item) > 2 else False
             copy = self.mirror_rx.copy_of(region) if self.mirror_rx is not None and mirrored else None
             if region == self.region_id:
-                chain.append((region, None))
+                chain.append((region, None, owner))
             elif copy is not None:
-                chain.append((region, copy))  # our own complete copy, received write by write
+                chain.append((region, copy, owner))  # our own complete copy, write by write
             else:
-                chain.append((region, self._map_region(region, owner)))
+                chain.append((region, self._map_region(region, owner), owner))
         served = self.dmodule.open_identity(ident, epoch, reason)
         try:
             rep = self.dmodule.replay_chain(served, chain)
@@ -446,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     die_with_parent(args.hypervisor_pid)
     replay.warm()
+    nvlog_check.warm()  # the corrupt-region path too: never a compile inside a takeover
     aggregate.warm()  # the file system's kernels too: a cold compile starves the heartbeat
     guest = Guest(Path(args.data_dir), args.node)
     guest.register()
