@@ -30,14 +30,15 @@ from vmemu import datadir
 from vmemu.bus import codec
 from vmemu.bus.rpc import AsyncRpcClient, RpcServer
 from vmemu.config import ClusterConfig, nbd_address, nbd_uri, node_index, partner_of
-from vmemu.errors import (BadRequest, InvalidState, NotGranted, Unavailable, UnknownLun,
-                          UnknownNode, VmemuError)
+from vmemu.errors import (BadRequest, CorruptDisk, InvalidState, NotGranted, Unavailable,
+                          UnknownLun, UnknownNode, VmemuError)
 from vmemu.hypervisor import failover as fo
 from vmemu.hypervisor.events import EventLog
 from vmemu.hypervisor.rdb_driver import RdbDriver
 from vmemu.hypervisor.fdbroker import FdBroker
 from vmemu.hypervisor.grants import GrantTable
 from vmemu.hypervisor.heartbeat import HeartbeatMonitor
+from vmemu.hypervisor.nvram_reports import NvramReports
 from vmemu.hypervisor.supervisor import MediatorLink, Supervisor
 
 
@@ -60,6 +61,9 @@ class Hypervisor:
         self.broker = FdBroker(datadir.fd_socket_name(cfg.cluster_id), self.grants, self._pid_of,
                                self._on_register, placement=cfg.nvram_placement,
                                mediator=self.mediator, emit=self.events.emit)
+        self.nvram_reports = NvramReports(
+            data_dir, lambda r: self.broker.held[r].fd if r in self.broker.held else None,
+            self.events.emit)
         self.guests: dict[int, AsyncRpcClient] = {}
         self.lun_lists: dict[int, list] = {}  # identity -> [[index, name, size]] from its assign
         self.loop_fds: list[int] = []
@@ -230,6 +234,7 @@ class Hypervisor:
                 self.stop_requested = True
             self._check_heartbeats(now)
             self._apply(self.coord.handle(fo.Tick(), now))
+            self.nvram_reports.poll()
             self._sample_metrics(now)
             self._rdb_retry(now)
             if not self.rdb_seeded:
@@ -319,7 +324,14 @@ class Hypervisor:
             g.fail_all(InvalidState(f"node{node} was fenced"))
             g.close()
         # Only what this node served: stamping a live server's identity would fence *it*.
-        epochs = {f"node{i}": self._stamp(i) for i in self._served_at_fail.pop(node, [])}
+        epochs: dict[str, int | str] = {}
+        for i in self._served_at_fail.pop(node, []):
+            try:
+                epochs[f"node{i}"] = self._stamp(i)
+            except (CorruptDisk, OSError) as exc:
+                # The holder is killed and reaped already; the epoch is the second fence. A
+                # disk we cannot stamp is one no domain can open either (its assign says so).
+                epochs[f"node{i}"] = f"not stamped: {exc}"
         now = time.monotonic()
         for t in self.takeovers.values():
             if t.get("failed") == f"node{node}" and "fenced" not in t["stages"]:
@@ -327,9 +339,16 @@ class Hypervisor:
         self.events.emit("fenced", node, exit_code=code, disk_epochs=epochs)
 
     def _stamp(self, identity: int) -> int:
+        """Fence `identity`'s disks to a new epoch. CorruptDisk (or OSError) for a disk whose
+        header does not check out: nothing is written into it, and an event says which."""
         epoch = 0
         for d in range(self.cfg.disks):
-            epoch = stamp_epoch(disk_path(self.dir, identity, d))
+            try:
+                epoch = stamp_epoch(disk_path(self.dir, identity, d), node=identity, index=d)
+            except (CorruptDisk, OSError) as exc:
+                self.events.emit("disk_corrupt", "hypervisor", identity=f"node{identity}",
+                                 disk=d, error=str(exc))
+                raise
         return epoch
 
     def _grant(self, region: int, grantee: int) -> None:
@@ -348,7 +367,12 @@ class Hypervisor:
             g.call("map", {"region": region, "owner": r.owner}, 10.0, lambda res, err: None)
 
     def _assign(self, act: fo.Assign) -> None:
-        epoch = self._stamp(act.identity)
+        try:
+            epoch = self._stamp(act.identity)
+        except (CorruptDisk, OSError) as exc:  # refused before any domain is involved
+            self._apply(self.coord.handle(
+                fo.AssignDone(act.node, act.identity, 0, False, str(exc)), time.monotonic()))
+            return
         now = time.monotonic()
         t = self.takeovers.get(act.identity)
         if act.reason == "takeover" and t is not None and "partner_alerted" not in t["stages"]:
@@ -643,6 +667,7 @@ class Hypervisor:
             self.events.emit("first_request_served", node, mono=mono, identity=f"node{ident}")
         else:
             self.events.emit(kind, node, mono=mono, **fields)
+            self.nvram_reports.note(kind, node, fields)
         return None
 
     def status(self) -> dict[str, Any]:
@@ -682,12 +707,14 @@ class Hypervisor:
                 "cp": st.get("cp"),
                 "cp_stalls": st.get("cp_stalls"),
                 "last_takeover": self._takeover_view(n),
+                "assign_backoff": self.coord.assign_backoff(n, now),
             })
         return {"version": 1, "cluster_id": self.cfg.cluster_id, "hypervisor_pid": os.getpid(),
                 "uptime_s": round(time.time() - self.started, 1), "config": self.cfg.to_dict(),
                 "nodes": nodes, "grants": self.grants.rows(),
                 "rdb": dict(self.rdb.status(), ready=self.rdb_seeded and self.rdb.available),
-                "regions_held": len(self.broker.held), "nvram": self.broker.view()}
+                "regions_held": len(self.broker.held),
+                "nvram": dict(self.broker.view(), **self.nvram_reports.view())}
 
     def _takeover_view(self, identity: int) -> dict | None:
         t = self.takeovers.get(identity)
@@ -722,6 +749,7 @@ class Hypervisor:
         self.events.emit("cluster_down", "hypervisor")
         for g in self.guests.values():
             g.close()
+        self.nvram_reports.join()
         self.broker.close()
         if self.stopping is not None:
             self.control.reply(self.stopping[0], self.stopping[1], {"stopped": True})
