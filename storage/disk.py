@@ -279,6 +279,8 @@ def stamp_epoch(path: Path, node: int | None = None, index: int | None = None) -
         end = os.lseek(fd, 0, os.SEEK_END)
         hdr = parse_header(os.pread(fd, HEADER, 0), str(target), end, node, index)
         epoch = hdr.epoch + 1
+        if epoch >= EPOCH_LIMIT:  # the next open would refuse it: refuse it here
+            raise _corrupt(str(target), f"epoch {hdr.epoch} is absurd (limit 2**62)")
         os.pwrite(fd, struct.pack("<Q", epoch), OFF_EPOCH)
         os.fdatasync(fd)
         return epoch

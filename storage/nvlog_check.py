@@ -8,8 +8,11 @@ The header's ``tail`` is advisory (the writer stores it after each record), so a
 the clean path makes one comparison per log:
 
 * scan end == tail: clean.
-* scan end > tail: the writer died between a record and its tail update: benign, every
-  record that verifies is replayed.
+* scan end > tail, the last record starting at the tail: the writer died between that
+  record and its tail update: benign, every record that verifies is replayed. Past the tail
+  by more than that, the tail cannot vouch for the end (it was hit, or the region is a mirror
+  copy, whose tails are not mirrored): the rest of the log is resynced, and records that
+  verify after the end are reported as below; if none does, it is a note, not a loss.
 * scan end < tail: the scan stopped at a record the writer had finished. What follows it
   cannot be trusted *in order* (a record is missing), so replay of that log stops there, as
   before; but now ``diagnose`` says why that record failed (magic, generation, sequence,
@@ -322,12 +325,15 @@ def read_region(buf: Any, owner: int | None = None, region_id: int | None = None
                       f"{b.area.base_seq}..{a.area.base_seq + a.count - 1}")
             return RegionRead(quarantine=Quarantine(reason, None, _estimate(whole, gids, min_seq)))
     for i, s in enumerate(out.logs):
-        if s.end < s.area.tail:  # the one test on the clean path
-            brk = diagnose(buf, s, out.logs[:i] + out.logs[i + 1:], gids, min_seq)
-            if isinstance(brk, LogBreak):
-                out.breaks.append(brk)
-            elif brk:
-                out.notes.append(brk)
+        if s.end == s.area.tail:  # the one test on the clean path
+            continue
+        if s.end > s.area.tail and s.count and s.index[s.count - 1, F.IDX_POS] == s.area.tail:
+            continue  # the writer died between its last record and the tail update: benign
+        brk = diagnose(buf, s, out.logs[:i] + out.logs[i + 1:], gids, min_seq)
+        if isinstance(brk, LogBreak):
+            out.breaks.append(brk)
+        elif brk:
+            out.notes.append(brk)
     _check_seams(buf, out, gids, min_seq)
     return out
 
@@ -382,17 +388,25 @@ def diagnose(buf: Any, s: ScannedLog, others: list[ScannedLog], gids: set[int] |
     why = _why(s.view, pos, area.generation, expected)
     # From the next 8 bytes on, not past the size the bad record claims: that size may be
     # the very field that was hit (a payload holding a record image with our generation and
-    # a valid checksum is the lesser risk).
+    # a valid checksum is the lesser risk). Up to the tail; past it too if the tail lags the
+    # scan by more than the one record a writer dying before its tail update explains (the
+    # tail itself was hit, or this is a mirror copy, whose tails are not mirrored).
     start = pos + 8
-    rows, n, _spent, gave_up = resync(s.view, start, area.tail, gen32, _budget(area.tail - start))
+    lags = pos > area.tail
+    stop = s.view.size if lags else area.tail
+    rows, n, _spent, gave_up = resync(s.view, start, stop, gen32, _budget(stop - start))
     after = rows[rows[:, F.IDX_SEQ] >= expected]
+    if lags and not after.shape[0]:
+        return (f"half {area.half}: tail {area.tail} lags the scan end {pos} and nothing "
+                "verifies after it: the advisory tail is stale, no record is missing")
     seq_after = (int(after[0, F.IDX_SEQ]), int(after[-1, F.IDX_SEQ])) if after.shape[0] else None
     # Records between the bad one and the first that verifies again: their LUNs are unknown.
     if seq_after is not None:
         unknown: int | None = max(0, seq_after[0] - max(expected, min_seq + 1))
     else:
         unknown = None if expected > min_seq else 0
-    return LogBreak(area.half, pos, area.start + pos, why, expected, area.tail, area.tail - pos,
+    last = int(after[-1, F.IDX_POS] + F.record_size(after[-1, F.IDX_STORED])) if lags else area.tail
+    return LogBreak(area.half, pos, area.start + pos, why, expected, area.tail, last - pos,
                     int(after.shape[0]), int(n) - int(after.shape[0]), seq_after,
                     _loss(after, gids, min_seq, unknown, bool(gave_up)))
 

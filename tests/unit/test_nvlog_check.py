@@ -189,6 +189,18 @@ def test_scan_end_beyond_the_tail_is_benign_and_equal_is_clean(buf: mmap.mmap) -
     assert read.problems == [] and read.logs[0].count == 5
 
 
+def test_a_tail_that_lags_by_more_than_one_record_cannot_hide_a_corrupt_record(buf) -> None:
+    """The tail is advisory: hit to a small value, it must not make a break look benign."""
+    log, recs = fill(buf, 12)
+    buf[F.OFF_TAIL:F.OFF_TAIL + 8] = U64.pack(8)
+    read = C.read_region(buf, OWNER, RID)
+    assert read.problems == [] and "stale" in read.notes[0]  # nothing lost: a note only
+    buf[recs[5][1] + F.RECORD_HEADER] ^= 1
+    (brk,) = C.read_region(buf, OWNER, RID).breaks
+    assert brk.expected_seq == 6 and brk.verified_after == 6 and brk.loss.seq == (7, 12)
+    assert brk.bytes_after == log.active.tail - brk.position
+
+
 def test_a_tail_past_the_last_record_is_reported_even_if_nothing_verifies_after(buf) -> None:
     log, _ = fill(buf, 5)
     buf[F.OFF_TAIL:F.OFF_TAIL + 8] = U64.pack(log.active.tail + 512)
