@@ -321,7 +321,7 @@ class Guest:
         served = self.dmodule.open_identity(ident, epoch, reason)
         try:
             rep = self.dmodule.replay_chain(served, chain)
-            rep["from_mirror_copy"] = sum(1 for r, m in chain if isinstance(m, bytearray))
+            rep["from_mirror_copy"] = sum(1 for item in chain if isinstance(item[1], bytearray))
             replay_done = time.monotonic()
             self.nmodule.bind(ident)
             self.nbd.bind(ident)
