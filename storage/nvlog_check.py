@@ -7,7 +7,7 @@ does not verify), and explains every place where a log ends short of what the wr
 The header's ``tail`` is advisory (the writer stores it after each record), so after a scan
 the clean path makes one comparison per log:
 
-* scan end == tail: clean.
+* scan end == tail: clean (for an empty log: unless position 0 holds a current record).
 * scan end > tail, the last record starting at the tail: the writer died between that
   record and its tail update: benign, every record that verifies is replayed. Past the tail
   by more than that, the tail cannot vouch for the end (it was hit, or the region is a mirror
@@ -325,7 +325,7 @@ def read_region(buf: Any, owner: int | None = None, region_id: int | None = None
                       f"{b.area.base_seq}..{a.area.base_seq + a.count - 1}")
             return RegionRead(quarantine=Quarantine(reason, None, _estimate(whole, gids, min_seq)))
     for i, s in enumerate(out.logs):
-        if s.end == s.area.tail:  # the one test on the clean path
+        if s.end == s.area.tail and (s.count or not _current_at_0(s)):  # the clean path
             continue
         if s.end > s.area.tail and s.count and s.index[s.count - 1, F.IDX_POS] == s.area.tail:
             continue  # the writer died between its last record and the tail update: benign
@@ -383,7 +383,7 @@ def diagnose(buf: Any, s: ScannedLog, others: list[ScannedLog], gids: set[int] |
     pos = s.end
     expected = area.base_seq + s.count
     gen32 = area.generation & 0xFFFFFFFF
-    if pos == 0 and _interrupted_reset(s, others):
+    if pos == 0 and _interrupted_reset(s, others, gids, min_seq):
         return f"half {area.half}: a log reset interrupted by a crash (older records under a new base_seq)"
     why = _why(s.view, pos, area.generation, expected)
     # From the next 8 bytes on, not past the size the bad record claims: that size may be
@@ -392,11 +392,11 @@ def diagnose(buf: Any, s: ScannedLog, others: list[ScannedLog], gids: set[int] |
     # scan by more than the one record a writer dying before its tail update explains (the
     # tail itself was hit, or this is a mirror copy, whose tails are not mirrored).
     start = pos + 8
-    lags = pos > area.tail
+    lags = pos >= area.tail  # (equal: an empty log whose first record is current after all)
     stop = s.view.size if lags else area.tail
     rows, n, _spent, gave_up = resync(s.view, start, stop, gen32, _budget(stop - start))
     after = rows[rows[:, F.IDX_SEQ] >= expected]
-    if lags and not after.shape[0]:
+    if pos > area.tail and not after.shape[0]:
         return (f"half {area.half}: tail {area.tail} lags the scan end {pos} and nothing "
                 "verifies after it: the advisory tail is stale, no record is missing")
     seq_after = (int(after[0, F.IDX_SEQ]), int(after[-1, F.IDX_SEQ])) if after.shape[0] else None
@@ -405,15 +405,36 @@ def diagnose(buf: Any, s: ScannedLog, others: list[ScannedLog], gids: set[int] |
         unknown: int | None = max(0, seq_after[0] - max(expected, min_seq + 1))
     else:
         unknown = None if expected > min_seq else 0
-    last = int(after[-1, F.IDX_POS] + F.record_size(after[-1, F.IDX_STORED])) if lags else area.tail
+    last = (int(after[-1, F.IDX_POS] + F.record_size(after[-1, F.IDX_STORED]))
+            if lags and after.shape[0] else max(area.tail, pos))
     return LogBreak(area.half, pos, area.start + pos, why, expected, area.tail, last - pos,
                     int(after.shape[0]), int(n) - int(after.shape[0]), seq_after,
                     _loss(after, gids, min_seq, unknown, bool(gave_up)))
 
 
-def _interrupted_reset(s: ScannedLog, others: list[ScannedLog]) -> bool:
+def _current_at_0(s: ScannedLog) -> bool:
+    """An empty log (nothing verified, tail 0) whose position 0 holds a record of this
+    generation, or one that verifies on its own and is not older than base_seq: the record,
+    the generation or the tail was hit. (After an honest reset, position 0 holds zeros or a
+    record of the half's previous generation, with an older seq.)"""
+    v = s.view
+    if v.size >= _HDR and int.from_bytes(v[0:4].tobytes(), "little") == _MAGIC and \
+            int.from_bytes(v[8:12].tobytes(), "little") == s.area.generation & 0xFFFFFFFF:
+        return True
+    rows, n, _spent, _gave_up = resync(v, 0, 8, -1, _budget(v.size))
+    return bool(n) and rows[0, F.IDX_SEQ] >= s.area.base_seq
+
+
+def _interrupted_reset(s: ScannedLog, others: list[ScannedLog], gids: set[int] | None,
+                       min_seq: int) -> bool:
+    """A crash between a reset's header stores: the record at 0 is of the half's previous
+    generation (older than base_seq, and on the disks already: the CP that let the half be
+    reset made it durable, so it is at or below min_seq unless it is another identity's), and
+    the other half ends right where this base_seq starts."""
     rows, n, _spent, _gave_up = resync(s.view, 0, 8, -1, _budget(s.view.size))
     if n != 1 or rows[0, F.IDX_SEQ] >= s.area.base_seq or rows[0, F.IDX_SEQ] < 0:
+        return False
+    if rows[0, F.IDX_SEQ] > min_seq and (gids is None or int(rows[0, F.IDX_LUN]) in gids):
         return False
     return any(o.end >= o.area.tail and o.area.base_seq + o.count == s.area.base_seq
                for o in others)

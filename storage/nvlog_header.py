@@ -23,7 +23,7 @@ tail smaller than the records (advisory: the writer updates it after each record
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -112,6 +112,21 @@ def check_region(buf: object, owner: int | None = None,
             _bad(f"capacity {cap} too small for two log halves")
         logs = [_area(buf, h, F.REGION_HEADER + h * half, half, F.HALF_FIELDS[h], halves=True)
                 for h in (0, 1)]
+        h0, h1 = logs
+        if h1.generation == 0 and h1.problem is None:
+            # "Unused" fields that were hit would make half 1's records vanish in silence.
+            # Each half bumps its own generation once per reset, alternating, so half 1 is at
+            # half 0's generation or one below: half 0 past 1 means half 1 has been used. And
+            # a half never used was never written: a record magic at its start says it was.
+            if h0.generation >= 2:
+                why = f"half 0 is at generation {h0.generation}"
+            elif struct.unpack_from("<I", buf, h1.start)[0] == F.RECORD_MAGIC:
+                why = "it holds records"
+            else:
+                why = ""
+            if why:
+                logs[1] = replace(h1, problem=f"half 1: generation 0 (unused), but {why}: its "
+                                              "fields were hit")
         # Half 1 before its first use: generation 0 (never matches a record). Not a log yet.
         logs = [a for a in logs if a.generation or a.half == 0 or a.problem]
     logs.sort(key=lambda a: a.base_seq)  # oldest first: records apply in sequence order

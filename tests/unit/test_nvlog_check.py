@@ -134,6 +134,43 @@ def test_a_half_with_absurd_fields_is_skipped_and_the_other_half_still_replays(
     assert fields["lost_records"] == 6  # half 0's records still verify: what was not replayed
 
 
+def test_half_fields_zeroed_to_look_unused_are_caught_by_the_generations(buf) -> None:
+    """Half 1 at generation 0 is "never used": legit only while half 0 is at generation 1."""
+    log, _ = fill(buf, 4)
+    for _ in range(2):  # half 1, then half 0 again: half 0 at generation 2
+        log.switch()
+        log.release()
+        fill(buf, 3, log=log)
+    log.switch()
+    log.release()
+    fill(buf, 5, log=log)  # half 1 (generation 2) holds the newest records
+    assert C.read_region(buf, OWNER, RID).problems == []
+    buf[F.HALF_FIELDS[1][0]:F.HALF_HEADER_END] = bytes(24)  # all of half 1's fields
+    read = C.read_region(buf, OWNER, RID, {A, B})
+    (q,) = read.skipped
+    assert q.half == 1 and "fields were hit" in q.reason and q.loss.records >= 5
+
+
+def test_an_unused_half_that_holds_records_was_hit(buf) -> None:
+    log, _ = fill(buf, 2)
+    log.switch()
+    fill(buf, 3, log=log)  # half 1 at generation 1: half 0 is still at 1
+    buf[F.HALF_FIELDS[1][0]:F.HALF_HEADER_END] = bytes(24)
+    (q,) = C.read_region(buf, OWNER, RID, {A, B}).skipped
+    assert q.half == 1 and "it holds records" in q.reason and q.loss.records == 3
+
+
+def test_an_empty_looking_log_whose_first_record_is_current_is_a_break(buf) -> None:
+    """Generation hit and tail zeroed: the scan finds nothing and the tail agrees; the record
+    at position 0 still verifies, and is not older than base_seq: not an honest empty log."""
+    fill(buf, 6)
+    buf[F.OFF_GENERATION:F.OFF_GENERATION + 8] = U64.pack(2)
+    buf[F.OFF_TAIL:F.OFF_TAIL + 8] = U64.pack(0)
+    (brk,) = C.read_region(buf, OWNER, RID, {A, B}).breaks
+    assert brk.position == 0 and "generation 1, the log is at 2" in brk.why
+    assert brk.verified_after == 0 and brk.loss.unknown is None  # other generation: unknown
+
+
 def test_region_logs_applies_the_same_checks(buf: mmap.mmap) -> None:
     fill(buf, 3)
     assert len(region_logs(buf, OWNER, RID)) == 1
@@ -215,12 +252,16 @@ def test_an_interrupted_log_reset_is_benign_but_a_raised_base_seq_is_not(buf: mm
     fill(buf, 4, log=log)  # half 1: seq 7..10
     # The next switch resets half 0: base_seq written (11), then the crash, before the
     # generation and the tail. Its old records sit under a new base: not lost (on disk).
+    # (The CP that let half 0 be reset made its records durable: the disks hold up to 6.)
     buf[F.OFF_BASE_SEQ:F.OFF_BASE_SEQ + 8] = U64.pack(11)
-    read = C.read_region(buf, OWNER, RID)
+    read = C.read_region(buf, OWNER, RID, {A, B}, min_seq=6)
     assert read.problems == [] and read.notes and "interrupted" in read.notes[0]
-    # The same bytes with a base_seq that does not continue half 1 are not a reset: reported.
+    # Not a reset: the disks do not hold the old records (a base_seq hit to continue half 1).
+    (brk,) = C.read_region(buf, OWNER, RID, {A, B}, min_seq=0).breaks
+    assert brk.half == 0 and brk.position == 0 and "seq 1, expected 11" in brk.why
+    # Nor: a base_seq that does not continue half 1.
     buf[F.OFF_BASE_SEQ:F.OFF_BASE_SEQ + 8] = U64.pack(12)
-    (brk,) = C.read_region(buf, OWNER, RID).breaks
+    (brk,) = C.read_region(buf, OWNER, RID, {A, B}, min_seq=6).breaks
     assert brk.half == 0 and brk.position == 0 and "seq 1, expected 12" in brk.why
 
 
