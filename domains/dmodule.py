@@ -446,8 +446,9 @@ class DModule:
     def replay_chain(self, served: Served, chain: list[tuple]) -> dict[str, Any]:
         """Apply every region of the chain, oldest first, onto the identity's disks.
 
-        `chain` holds (region id, mapping) or (region id, mapping, owner node); a mapping of
-        None is our own live region (its records are in our cache already). Each region is
+        `chain` holds (region id, mapping), optionally followed by the owner node and whether
+        the owner is alive and still writing it (a giveback's releaser); a mapping of None is
+        our own live region (its records are in our cache already). Each region is
         read through ``nvlog_check.read_region``: a region whose header does not check out
         is quarantined (not replayed, reported, the rest of the chain goes on), and a log
         that ends at a corrupt record is replayed up to it, with the records lost after it
@@ -470,12 +471,13 @@ class DModule:
         for item in chain:
             region_id, mapping = item[0], item[1]
             owner = item[2] if len(item) > 2 else None
+            live = bool(item[3]) if len(item) > 3 else False
             if mapping is None:
                 continue  # our own live region: its records are in our cache already
             total["regions"] += 1
             store.check_epoch()  # once per region: its rows are one batch of writes
             min_seq = store.applied().get(region_id, 0)
-            read = nvlog_check.read_region(mapping, owner, region_id, set(luns), min_seq)
+            read = nvlog_check.read_region(mapping, owner, region_id, set(luns), min_seq, live)
             self._report_region(served.identity, region_id, owner, read, total)
             last = 0
             for s in read.logs:  # both halves, oldest first; each up to its first bad record

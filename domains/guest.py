@@ -311,13 +311,14 @@ class Guest:
         for item in chain_raw:
             region, owner = int(item[0]), int(item[1])
             mirrored = bool(item[2]) if len(item) > 2 else False
+            live = bool(item[3]) if len(item) > 3 else False
             copy = self.mirror_rx.copy_of(region) if self.mirror_rx is not None and mirrored else None
             if region == self.region_id:
-                chain.append((region, None, owner))
+                chain.append((region, None, owner, live))
             elif copy is not None:
-                chain.append((region, copy, owner))  # our own complete copy, write by write
+                chain.append((region, copy, owner, live))  # our own complete copy
             else:
-                chain.append((region, self._map_region(region, owner), owner))
+                chain.append((region, self._map_region(region, owner), owner, live))
         served = self.dmodule.open_identity(ident, epoch, reason)
         try:
             rep = self.dmodule.replay_chain(served, chain)

@@ -7,7 +7,8 @@ does not verify), and explains every place where a log ends short of what the wr
 The header's ``tail`` is advisory (the writer stores it after each record), so after a scan
 the clean path makes one comparison per log:
 
-* scan end == tail: clean (for an empty log: unless position 0 holds a current record).
+* scan end == tail: clean (for an empty log: unless position 0 holds a current record and
+  the owner is dead: a live owner may be writing that very record).
 * scan end > tail, the last record starting at the tail: the writer died between that
   record and its tail update: benign, every record that verifies is replayed. Past the tail
   by more than that, the tail cannot vouch for the end (it was hit, or the region is a mirror
@@ -296,11 +297,12 @@ def report(p: Quarantine | LogBreak) -> tuple[str, dict[str, Any], str]:
 
 # -- reading a region ---------------------------------------------------------------------------
 def read_region(buf: Any, owner: int | None = None, region_id: int | None = None,
-                gids: set[int] | None = None, min_seq: int = 0) -> RegionRead:
+                gids: set[int] | None = None, min_seq: int = 0, live: bool = False) -> RegionRead:
     """Check, scan and diagnose a whole region; raises nothing for any bytes in `buf`.
 
     `gids` are the LUNs the caller replays and `min_seq` what their disks already hold from
-    this region: losses are counted for those (all LUNs if `gids` is None).
+    this region: losses are counted for those (all LUNs if `gids` is None). `live`: its owner
+    is still writing it (a giveback's releaser), so a record at the end may be half written.
     """
     try:
         hdr = check_region(buf, owner, region_id)
@@ -325,7 +327,7 @@ def read_region(buf: Any, owner: int | None = None, region_id: int | None = None
                       f"{b.area.base_seq}..{a.area.base_seq + a.count - 1}")
             return RegionRead(quarantine=Quarantine(reason, None, _estimate(whole, gids, min_seq)))
     for i, s in enumerate(out.logs):
-        if s.end == s.area.tail and (s.count or not _current_at_0(s)):  # the clean path
+        if s.end == s.area.tail and (s.count or live or not _current_at_0(s)):  # clean path
             continue
         if s.end > s.area.tail and s.count and s.index[s.count - 1, F.IDX_POS] == s.area.tail:
             continue  # the writer died between its last record and the tail update: benign

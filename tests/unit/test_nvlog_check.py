@@ -171,6 +171,17 @@ def test_an_empty_looking_log_whose_first_record_is_current_is_a_break(buf) -> N
     assert brk.verified_after == 0 and brk.loss.unknown is None  # other generation: unknown
 
 
+def test_a_record_being_appended_by_a_live_owner_is_not_corruption(buf) -> None:
+    """A giveback replays the releaser's region while the releaser writes it: its first
+    record may be half written (header in, checksum not yet, tail still 0)."""
+    log, recs = fill(buf, 1)
+    seq, pos, size = recs[0]
+    buf[pos + size - 8:pos + size] = bytes(8)  # the checksum not written yet
+    buf[F.OFF_TAIL:F.OFF_TAIL + 8] = U64.pack(0)  # nor the tail
+    assert C.read_region(buf, OWNER, RID, live=True).problems == []
+    assert C.read_region(buf, OWNER, RID, live=False).breaks  # a dead owner's: reported
+
+
 def test_region_logs_applies_the_same_checks(buf: mmap.mmap) -> None:
     fill(buf, 3)
     assert len(region_logs(buf, OWNER, RID)) == 1

@@ -381,7 +381,10 @@ class Hypervisor:
         self.events.emit("partner_alerted" if act.reason == "takeover" else "assign", act.node,
                          identity=f"node{act.identity}", reason=act.reason, epoch=epoch,
                          chain=[f"{r:#x}" for r in act.chain])
-        chain = [[r, self.grants.regions[r].owner, self.mirror_ok.get(r, False)]
+        # Per region: owner, whether the taker's mirror copy is complete, and whether its owner
+        # still writes it (a giveback replays the releaser's live region, for its table).
+        chain = [[r, self.grants.regions[r].owner, self.mirror_ok.get(r, False),
+                  self.coord.region.get(self.grants.regions[r].owner) == r]
                  for r in act.chain if r in self.grants.regions]
 
         def done(res: Any, err: VmemuError | None) -> None:
