@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from fuzz import disk_header, nvram
 from storage import nvlog_check
 
-SETTINGS = settings(max_examples=150, deadline=None, database=None,
+SETTINGS = settings(max_examples=60, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-N_SAMPLES = 8
+N_SAMPLES = 4
 
 
 @functools.cache
