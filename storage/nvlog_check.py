@@ -29,11 +29,7 @@ written, then generation, then tail) leaves the half's old records under its new
 Recognised exactly: the record at position 0 verifies on its own and is older than base_seq,
 and the other half ends right where this base_seq starts. Anything else is reported.
 
-The resync is a numba kernel with a bounded checksum budget (a log full of forged
-candidates costs at most a few passes over it, then the count is reported as a lower
-bound). Caching note, as in ``replay``: numba's cache of ``resync`` is invalidated by
-changes to this file only; after editing ``checksum.py`` clear
-``storage/__pycache__/*.nbi|*.nbc`` or touch this file.
+The resync is a numba kernel with a bounded checksum budget (``nvlog_resync``).
 """
 
 from __future__ import annotations
@@ -42,107 +38,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from numba import njit
 
 from storage import nvlog_format as F
 from storage import replay
-from storage.checksum import crc32c_kernel
 from storage.nvlog_header import LogArea, check_region, nbytes
+from storage.nvlog_resync import budget, resync, warm
 from vmemu.errors import CorruptRegion
 
+__all__ = ["LogBreak", "Loss", "Quarantine", "RegionRead", "ScannedLog", "diagnose",
+           "budget", "lun_ranges", "read_region", "report", "resync", "warm"]
+_MAGIC = F.RECORD_MAGIC
 _HDR = F.RECORD_HEADER
 _CRC = F.CRC_SIZE
-_MAGIC = F.RECORD_MAGIC
 _VERSION = F.RECORD_VERSION
 _VERSION_V1 = F.RECORD_VERSION_V1
 _LZ4 = F.FLAG_LZ4
+
 MAX_EXTENTS = 8  # per LUN in a report: enough to act on, bounded for an event line
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _u16(b, p):  # type: ignore[no-untyped-def]
-    return np.int64(b[p]) | (np.int64(b[p + 1]) << 8)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _u32(b, p):  # type: ignore[no-untyped-def]
-    return _u16(b, p) | (_u16(b, p + 2) << 16)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _u64(b, p):  # type: ignore[no-untyped-def]
-    return _u32(b, p) | (_u32(b, p + 4) << 32)
-
-
-@njit(cache=True, nogil=True)
-def resync(log, start, stop, gen32, budget):  # type: ignore[no-untyped-def]
-    """Records that verify on their own, starting at 8-aligned positions in [start, stop).
-
-    A candidate has the record magic, generation `gen32` (any if negative), a consistent
-    version/flags/stored, fits in the log, and a valid crc32c; its sequence number is not
-    checked (that is what the caller reports). After a record the walk jumps over it, so
-    a payload is never searched. Returns ``(rows, count, crc_bytes, gave_up)``: one row per
-    record in the columns of ``replay.scan`` (IDX_*); `gave_up` when the crc work would pass
-    `budget` bytes (the count is then a lower bound).
-    """
-    size = log.size
-    rows = np.empty((16, F.IDX_COLUMNS), dtype=np.int64)
-    count = 0
-    spent = np.int64(0)
-    gave_up = False
-    pos = (np.int64(max(start, 0)) + 7) & ~np.int64(7)
-    while pos < stop and size - pos >= _HDR + _CRC:
-        if _u32(log, pos) != _MAGIC or (gen32 >= 0 and _u32(log, pos + 8) != gen32):
-            pos += 8
-            continue
-        version = _u16(log, pos + 4)
-        flags = _u16(log, pos + 6)
-        length = _u32(log, pos + 12)
-        if version == _VERSION:
-            stored = _u32(log, pos + 28)
-            if stored != length and not flags & _LZ4:
-                pos += 8
-                continue
-        elif version == _VERSION_V1 and not flags & _LZ4:
-            stored = length
-        else:
-            pos += 8
-            continue
-        rsize = (_HDR + stored + _CRC + 7) & ~np.int64(7)
-        if rsize > size - pos:
-            pos += 8
-            continue
-        body_end = pos + _HDR + stored
-        spent += body_end - pos
-        if spent > budget:
-            gave_up = True
-            break
-        if crc32c_kernel(log, pos, body_end, 0) != _u32(log, body_end):
-            pos += 8
-            continue
-        if count == rows.shape[0]:
-            bigger = np.empty((2 * count, F.IDX_COLUMNS), dtype=np.int64)
-            bigger[:count] = rows
-            rows = bigger
-        row = rows[count]
-        row[F.IDX_POS] = pos
-        row[F.IDX_SEQ] = _u64(log, pos + 16)
-        row[F.IDX_LUN] = _u32(log, pos + 24)
-        row[F.IDX_OFFSET] = _u64(log, pos + 32)
-        row[F.IDX_LENGTH] = length
-        row[F.IDX_CLIENT] = _u64(log, pos + 40)
-        row[F.IDX_REQUEST] = _u64(log, pos + 48)
-        row[F.IDX_FLAGS] = flags
-        row[F.IDX_STORED] = stored
-        count += 1
-        pos += rsize
-    return rows[:count], count, spent, gave_up
-
-
-def _budget(span: int) -> int:
-    # Honest logs cost one pass; forged candidates (magic, generation, a huge stored size,
-    # a bad crc at every 8 bytes) would cost a pass per candidate without a bound.
-    return 4 * max(span, 0) + (1 << 20)
 
 
 # -- reports ----------------------------------------------------------------------------------
@@ -351,7 +263,7 @@ def _log_area(buf: Any) -> np.ndarray:
 def _estimate(view: np.ndarray, gids: set[int] | None, min_seq: int) -> Loss:
     """Records of any generation that still verify in a log not replayed: an upper bound of
     what it held (stale records of older generations verify too)."""
-    rows, _n, _spent, gave_up = resync(view, 0, view.size, -1, _budget(view.size))
+    rows, _n, _spent, gave_up = resync(view, 0, view.size, -1, budget(view.size))
     return _loss(rows, gids, min_seq, None, bool(gave_up), upper_bound=True)
 
 
@@ -396,7 +308,7 @@ def diagnose(buf: Any, s: ScannedLog, others: list[ScannedLog], gids: set[int] |
     start = pos + 8
     lags = pos >= area.tail  # (equal: an empty log whose first record is current after all)
     stop = s.view.size if lags else area.tail
-    rows, n, _spent, gave_up = resync(s.view, start, stop, gen32, _budget(stop - start))
+    rows, n, _spent, gave_up = resync(s.view, start, stop, gen32, budget(stop - start))
     after = rows[rows[:, F.IDX_SEQ] >= expected]
     if pos > area.tail and not after.shape[0]:
         return (f"half {area.half}: tail {area.tail} lags the scan end {pos} and nothing "
@@ -423,7 +335,7 @@ def _current_at_0(s: ScannedLog) -> bool:
     if v.size >= _HDR and int.from_bytes(v[0:4].tobytes(), "little") == _MAGIC and \
             int.from_bytes(v[8:12].tobytes(), "little") == s.area.generation & 0xFFFFFFFF:
         return True
-    rows, n, _spent, _gave_up = resync(v, 0, 8, -1, _budget(v.size))
+    rows, n, _spent, _gave_up = resync(v, 0, 8, -1, budget(v.size))
     return bool(n) and rows[0, F.IDX_SEQ] >= s.area.base_seq
 
 
@@ -433,7 +345,7 @@ def _interrupted_reset(s: ScannedLog, others: list[ScannedLog], gids: set[int] |
     generation (older than base_seq, and on the disks already: the CP that let the half be
     reset made it durable, so it is at or below min_seq unless it is another identity's), and
     the other half ends right where this base_seq starts."""
-    rows, n, _spent, _gave_up = resync(s.view, 0, 8, -1, _budget(s.view.size))
+    rows, n, _spent, _gave_up = resync(s.view, 0, 8, -1, budget(s.view.size))
     if n != 1 or rows[0, F.IDX_SEQ] >= s.area.base_seq or rows[0, F.IDX_SEQ] < 0:
         return False
     if rows[0, F.IDX_SEQ] > min_seq and (gids is None or int(rows[0, F.IDX_LUN]) in gids):
@@ -460,12 +372,3 @@ def _check_seams(buf: Any, out: RegionRead, gids: set[int] | None, min_seq: int)
         out.breaks.append(LogBreak(a.area.half, a.end, a.area.start + a.end, why, end_seq,
                                    a.area.tail, a.area.tail - a.end, 0, 0, None,
                                    _loss(empty, gids, min_seq, unknown, False)))
-
-
-def warm() -> None:
-    """Compile (or load) ``resync`` for writable and read-only logs, at domain boot: the
-    corrupt path must not pay a compilation inside a takeover."""
-    writable = np.zeros(2 * F.record_size(0), dtype=np.uint8)
-    readonly = np.frombuffer(bytes(writable), dtype=np.uint8)
-    for log in (writable, readonly):
-        resync(log, 0, log.size, -1, 1 << 20)

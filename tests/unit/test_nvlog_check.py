@@ -332,9 +332,9 @@ def test_resync_work_is_bounded_on_a_log_of_forged_candidates() -> None:
     log = np.frombuffer(bytes(raw), np.uint8)
     C.warm()  # time the work, not a compilation
     t = time.monotonic()
-    rows, n, spent, gave_up = C.resync(log, 0, size, 5, C._budget(size))
+    rows, n, spent, gave_up = C.resync(log, 0, size, 5, C.budget(size))
     assert time.monotonic() - t < 2.0
-    assert gave_up and n == 0 and spent <= C._budget(size) + size
+    assert gave_up and n == 0 and spent <= C.budget(size) + size
 
 
 def test_warm_compiles_the_kernel_for_read_only_logs_too() -> None:
