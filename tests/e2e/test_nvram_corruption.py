@@ -92,6 +92,8 @@ def test_corrupt_nvram_and_disk_header_are_reported_and_survived(make_cluster):
     (lun,) = ev["lost_luns"]
     assert lun["lun"] == "node1/lun0" and lun["extents"] == [[21 * 4096, 19 * 4096]]
     assert "LOST" in ev["message"]
+    done = [e for e in kinds_after(c, t0, "replay_done") if e["identity"] == "node1"]
+    assert done[-1]["corrupt_records"] == 1 and done[-1]["lost_records"] == 19
     st = c.status()
     assert st.node("node2")["pid"] == node2_pid and st.node("node2")["state"] == "serving"
     (row,) = st.raw["nvram"]["corrupt_records"]

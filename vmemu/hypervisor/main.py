@@ -415,7 +415,9 @@ class Hypervisor:
                          bytes=rep.get("bytes", 0), ms=rep.get("ms", 0.0),
                          regions=rep.get("regions", 0),
                          from_mirror_copy=rep.get("from_mirror_copy", 0),
-                         scanned=rep.get("scanned", 0), written=rep.get("written", 0))
+                         scanned=rep.get("scanned", 0), written=rep.get("written", 0),
+                         **{k: rep[k] for k in ("quarantined", "corrupt_records", "lost_records")
+                            if rep.get(k)})
         self.events.emit("identity_assumed", act.node, mono=res.get("assumed"),
                          identity=f"node{act.identity}", reason=act.reason,
                          endpoint=datadir.identity_endpoint(self.cfg.cluster_id, act.identity))
