@@ -22,22 +22,23 @@ from typing import Any, Callable
 import numpy as np
 
 from storage import nvlog_format as F
-from storage import replay
+from storage import nvlog_check, replay
 from domains.store import FlatStore, FsStore, LunHandle, Store
 from storage.aggregate import Aggregate
 from storage.blockcache import BlockCache
 from storage.disk import HEADER as DISK_HEADER
 from storage.disk import Disk
-from storage.nvlog import TwoHalfLog, record_payload, region_logs
+from storage.nvlog import BadRecord, TwoHalfLog, record_payload
 from storage.raid.errors import RaidOffline
-from vmemu.errors import (BadRequest, Fenced, InvalidState, LogFull, NoSpace, UnknownLun,
-                          VmemuError)
+from vmemu.errors import (BadRequest, CorruptDisk, Fenced, InvalidState, LogFull, NoSpace,
+                          UnknownLun, VmemuError)
 
 CP_RETRY_S = 0.5  # a failed CP is tried again after this, doubling up to CP_RETRY_MAX_S
 CP_RETRY_MAX_S = 8.0
 DEDUP_PER_CLIENT = 8192
 DEDUP_CLIENTS = 1024
 CARRY_PER_CLIENT = 1024  # how much of the table survives a CP, per client
+LOAD_PAIRS = 65536  # the most pairs taken from one table record (a carry holds <= 32768)
 
 
 @dataclass
@@ -131,7 +132,10 @@ class ExactlyOnce:
         return np.asarray(pairs, dtype="<u8").tobytes()
 
     def load(self, payload: bytes) -> None:
-        arr = np.frombuffer(payload, dtype="<u8")
+        """Pairs from a table record (read back from NVRAM: whole pairs only, and at most
+        the last LOAD_PAIRS of them, so a forged record costs a bounded loop)."""
+        whole = len(payload) // 16 * 16
+        arr = np.frombuffer(payload, dtype="<u8", count=whole // 8)[-2 * LOAD_PAIRS:]
         for i in range(0, len(arr) - 1, 2):
             self.record(int(arr[i]), int(arr[i + 1]))
 
@@ -455,12 +459,20 @@ class DModule:
 
     # -- serving identities ------------------------------------------------------------------
     def open_identity(self, identity: int, epoch: int, reason: str) -> Served:
+        """Open an identity's disks (and aggregate) at `epoch`. A disk whose header does not
+        check out is refused with CorruptDisk naming the file (and a ``disk_corrupt`` event):
+        the identity is not served from bytes we cannot trust."""
         store: Store
-        if self.raid == "none":
-            store = FlatStore.open(self.data_dir, identity, self.disks, epoch)
-        else:
-            store = FsStore.open(self.data_dir, identity, self.disks, epoch, self.raid,
-                                 self.default_luns, self.lun_bytes)
+        try:
+            if self.raid == "none":
+                store = FlatStore.open(self.data_dir, identity, self.disks, epoch)
+            else:
+                store = FsStore.open(self.data_dir, identity, self.disks, epoch, self.raid,
+                                     self.default_luns, self.lun_bytes)
+        except CorruptDisk as exc:
+            self.emit("disk_corrupt", {"identity": identity, "error": exc.message,
+                                       "reason": exc.reason, "assign": reason}, time.monotonic())
+            raise
         served = Served(identity, store, BlockCache(store.read_committed), epoch, reason)
         served.refresh_luns()
         if isinstance(store, FsStore):
@@ -468,45 +480,72 @@ class DModule:
         self.served[identity] = served
         return served
 
-    def replay_chain(self, served: Served, chain: list[tuple[int, mmap.mmap | None]]) -> dict[str, Any]:
+    def replay_chain(self, served: Served, chain: list[tuple]) -> dict[str, Any]:
         """Apply every region of the chain, oldest first, onto the identity's disks.
 
-        Per region and LUN: scan once, ``replay.plan`` the rows to write, pwrite them into
-        the disk file (not through a mapping: a write fault on a hole of a sparse image
-        costs ~4x a pwrite). In the result, `records`/`bytes` are the valid records above
-        what the disk holds and their payload bytes; `written`/`written_bytes`/`writes`
-        what actually went to the files (rows a later same-range row overwrites are
-        skipped) and in how many pwrite(v) calls.
+        `chain` holds (region id, mapping), optionally followed by the owner node and whether
+        the owner is alive and still writing it (a giveback's releaser); a mapping of None is
+        our own live region (its records are in our cache already). Each region is
+        read through ``nvlog_check.read_region``: a region whose header does not check out
+        is quarantined (not replayed, reported, the rest of the chain goes on), and a log
+        that ends at a corrupt record is replayed up to it, with the records lost after it
+        reported (events ``nvram_region_quarantined``, ``nvlog_corrupt_record``).
+
+        Per region and LUN: ``replay.plan`` the rows to write, pwrite them into the disk file
+        (not through a mapping: a write fault on a hole of a sparse image costs ~4x a pwrite)
+        or into the cache (file-system LUNs). In the result, `records`/`bytes` are the valid
+        records above what the disk holds and their payload bytes; `written`/`written_bytes`/
+        `writes` what actually went to the files (rows a later same-range row overwrites are
+        skipped) and in how many pwrite(v) calls; `quarantined`, `corrupt_records` and
+        `lost_records` count the problems reported.
         """
         t0 = time.monotonic()
         total = {"records": 0, "bytes": 0, "bad": 0, "regions": 0, "scanned": 0,
-                 "written": 0, "written_bytes": 0, "writes": 0}
+                 "written": 0, "written_bytes": 0, "writes": 0, "quarantined": 0,
+                 "corrupt_records": 0, "lost_records": 0}
         luns = {F.lun_gid(served.identity, lun.index): lun for lun in served.luns}
         store = served.store
-        for region_id, mapping in chain:
+        for item in chain:
+            region_id, mapping = item[0], item[1]
+            owner = item[2] if len(item) > 2 else None
+            live = bool(item[3]) if len(item) > 3 else False
             if mapping is None:
                 continue  # our own live region: its records are in our cache already
             total["regions"] += 1
             store.check_epoch()  # once per region: its rows are one batch of writes
             min_seq = store.applied().get(region_id, 0)
+            read = nvlog_check.read_region(mapping, owner, region_id, set(luns), min_seq, live)
+            self._report_region(served.identity, region_id, owner, read, total)
             last = 0
-            for log, generation, base_seq in region_logs(mapping):  # both halves, oldest first
-                index, count, _end = replay.scan(log, generation, base_seq)
-                total["scanned"] += int(count)
+            for s in read.logs:  # both halves, oldest first; each up to its first bad record
+                total["scanned"] += s.count
                 for gid, lun in luns.items():
                     if isinstance(store, FlatStore):
-                        self._replay_onto(store.disk_of(lun.index), log, index, int(count), gid,
-                                          min_seq, total)
+                        self._replay_onto(store.disk_of(lun.index), s.view, s.index, s.count,
+                                          gid, min_seq, total)
                     else:
-                        self._replay_into_cache(served.cache, lun, log, index, int(count), gid,
-                                                min_seq, total)
-                self._rebuild_dedup(log, index, int(count), set(luns))
-                if count:
-                    last = max(last, base_seq + int(count) - 1)
-            served.replayed[region_id] = last
+                        self._replay_into_cache(served.cache, lun, s.view, s.index, s.count,
+                                                gid, min_seq, total)
+                total["bad"] += self._rebuild_dedup(s.view, s.index, s.count, set(luns))
+                if s.count:
+                    last = max(last, s.area.base_seq + s.count - 1)
+            if read.quarantine is None:  # never below what the disks already hold
+                served.replayed[region_id] = max(last, min_seq)
             served.needs_sync = True
         total["ms"] = round((time.monotonic() - t0) * 1000, 3)
         return total
+
+    def _report_region(self, identity: int, region_id: int, owner: int | None,
+                       read: nvlog_check.RegionRead, total: dict[str, Any]) -> None:
+        """Say loudly what a region's corruption costs: one event per problem."""
+        for p in read.problems:
+            kind, fields, line = nvlog_check.report(p)
+            total["quarantined" if kind == "nvram_region_quarantined" else "corrupt_records"] += 1
+            total["lost_records"] += fields["lost_records"]
+            who = f"node{owner}" if owner is not None else "unknown"
+            self.emit(kind, {"identity": identity, "region": region_id, "owner": who, **fields,
+                             "message": f"node{identity} replay, region {region_id:#x} of "
+                                        f"{who}: {line}"}, time.monotonic())
 
     @staticmethod
     def _replay_into_cache(cache: BlockCache, lun: LunHandle, log: np.ndarray, index: np.ndarray,
@@ -532,13 +571,20 @@ class DModule:
         _count_replay(total, index, count, gid, min_seq, disk.size, bad, rows.size, nbytes,
                       calls)
 
-    def _rebuild_dedup(self, log: np.ndarray, index: np.ndarray, count: int, gids: set[int]) -> None:
+    def _rebuild_dedup(self, log: np.ndarray, index: np.ndarray, count: int,
+                       gids: set[int]) -> int:
+        """The exactly-once table from the replayed records; returns the bad table records."""
+        bad = 0
         for row in index[:count]:
             gid = int(row[F.IDX_LUN])
             if gid in gids:
                 self.dedup.record(int(row[F.IDX_CLIENT]), int(row[F.IDX_REQUEST]))
             elif gid == F.DEDUP_LUN:
-                self.dedup.load(record_payload(log, row))
+                try:
+                    self.dedup.load(record_payload(log, row))
+                except BadRecord:
+                    bad += 1  # it verified but cannot be a table the writer wrote: skip it
+        return bad
 
     # -- management (the aggregate's volumes, LUNs, snapshots and disks) ----------------------
     def aggregate(self, identity: int) -> Aggregate:

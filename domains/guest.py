@@ -30,7 +30,7 @@ from domains.mirror import MirrorReceiver, MirrorSender
 from domains.nbd_server import NbdServer
 from domains.nmodule import NModule
 from domains.rdb_host import RdbHost
-from storage import aggregate, nvlog, nvlog_format, replay
+from storage import aggregate, nvlog, nvlog_check, nvlog_format, replay
 from storage import region as shm
 from vmemu import datadir
 from vmemu.privfs import lossy_stdio, set_umask
@@ -339,17 +339,18 @@ class Guest:
         for item in chain_raw:
             region, owner = int(item[0]), int(item[1])
             mirrored = bool(item[2]) if len(item) > 2 else False
+            live = bool(item[3]) if len(item) > 3 else False
             copy = self.mirror_rx.copy_of(region) if self.mirror_rx is not None and mirrored else None
             if region == self.region_id:
-                chain.append((region, None))
+                chain.append((region, None, owner, live))
             elif copy is not None:
-                chain.append((region, copy))  # our own complete copy, received write by write
+                chain.append((region, copy, owner, live))  # our own complete copy
             else:
-                chain.append((region, self._map_region(region, owner)))
+                chain.append((region, self._map_region(region, owner), owner, live))
         served = self.dmodule.open_identity(ident, epoch, reason)
         try:
             rep = self.dmodule.replay_chain(served, chain)
-            rep["from_mirror_copy"] = sum(1 for r, m in chain if isinstance(m, bytearray))
+            rep["from_mirror_copy"] = sum(1 for item in chain if isinstance(item[1], bytearray))
             replay_done = time.monotonic()
             self.nmodule.bind(ident)
             self.nbd.bind(ident)
@@ -497,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     lossy_stdio()  # a full disk must not turn a printed report into a crash
     die_with_parent(args.hypervisor_pid)
     replay.warm()
+    nvlog_check.warm()  # the corrupt-region path too: never a compile inside a takeover
     aggregate.warm()  # the file system's kernels too: a cold compile starves the heartbeat
     guest = Guest(Path(args.data_dir), args.node)
     guest.register()

@@ -46,7 +46,7 @@ class FlatStore:
         disks: list[Disk] = []
         try:
             for d in range(ndisks):
-                disks.append(Disk.open(disk_path(data_dir, identity, d), epoch))
+                disks.append(Disk.open(disk_path(data_dir, identity, d), epoch, node=identity, index=d))
         except BaseException:
             for disk in disks:
                 disk.close()

@@ -103,7 +103,7 @@ class Aggregate:
         disks: list[Disk] = []
         try:
             for d in range(ndisks):
-                disks.append(Disk.open(disk_path(data_dir, identity, d), epoch))
+                disks.append(Disk.open(disk_path(data_dir, identity, d), epoch, node=identity, index=d))
             devs = [DiskDevice(disk) for disk in disks]
             for d in state["failed"]:
                 devs[d].fail()
@@ -431,7 +431,7 @@ class Aggregate:
             os.fsync(fd)
         finally:
             os.close(fd)
-        disk = Disk.open(path, epoch)
+        disk = Disk.open(path, epoch, node=self.identity, index=m)
         self.disks[m] = disk
         self.group.replace(m, DiskDevice(disk))
         self.state["failed"] = [x for x in self.state["failed"] if x != m]

@@ -35,36 +35,107 @@ import mmap
 import os
 import stat
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
 import numpy as np
 
 from storage import loopdev
-from vmemu.errors import Fenced, InvalidState, OutOfRange
+from vmemu.errors import CorruptDisk, Fenced, OutOfRange
 
 MAGIC = b"VMDISK01"
 VERSION = 1
 HEADER = 4096
 _HDR = struct.Struct("<8sIIIIQQI")
 OFF_EPOCH = 32
+OFF_APPLIED_LEN = 40
+OFF_APPLIED = 44
 MAX_APPLIED = 16
+MAX_SIZE = 1 << 48
+EPOCH_LIMIT = 1 << 62  # bumped once per fence: never reached, so a value past it is corrupt
 DIRECT_ALIGN = 4096  # O_DIRECT offset/length/buffer alignment we use (>= any logical block)
+
+
+@dataclass(frozen=True)
+class DiskHeader:
+    """A header that checked out (``parse_header``)."""
+
+    node_index: int
+    disk_index: int
+    size: int
+    epoch: int
+    applied: dict[int, int]
+
+
+def parse_header(raw: bytes | mmap.mmap, where: str, file_size: int,
+                 node: int | None = None, index: int | None = None) -> DiskHeader:
+    """Check a disk header read back from `where` (a path, for the message); CorruptDisk if
+    it does not parse or is out of range.
+
+    The header comes from a file any process of the user can write: magic and version, the
+    owner and disk index (the file's name says which they must be, when given), a size the
+    file holds, an epoch the next stamp cannot overflow, and an applied map of at most
+    MAX_APPLIED int -> int entries, are all checked before any of it is used.
+    """
+    if len(raw) < _HDR.size:
+        raise _corrupt(where, f"header of {len(raw)} bytes, shorter than {_HDR.size}")
+    magic, version, nd, di, _res, size, epoch, alen = _HDR.unpack_from(raw, 0)
+    if magic != MAGIC:
+        raise _corrupt(where, f"not a vmemu disk (bad magic {magic!r})")
+    if version != VERSION:
+        raise _corrupt(where, f"not a vmemu disk (unknown version {version})")
+    if node is not None and nd != node:
+        raise _corrupt(where, f"header says node{nd}, the file is node{node}'s")
+    if index is not None and di != index:
+        raise _corrupt(where, f"header says disk {di}, the file is disk {index}")
+    if size == 0 or size % 512 or size > MAX_SIZE:
+        raise _corrupt(where, f"data size {size} out of range (512-byte multiple, up to 2**48)")
+    if file_size < HEADER + size:
+        raise _corrupt(where, f"{file_size} bytes long, less than its {HEADER}-byte header "
+                              f"and {size}-byte data area (truncated?)")
+    if epoch >= EPOCH_LIMIT:
+        raise _corrupt(where, f"epoch {epoch} is absurd (limit 2**62)")
+    return DiskHeader(nd, di, size, epoch, _applied(raw, alen, where))
+
+
+def _applied(raw: bytes | mmap.mmap, alen: int, where: str) -> dict[int, int]:
+    if alen == 0:
+        return {}
+    if alen > HEADER - OFF_APPLIED or OFF_APPLIED + alen > len(raw):
+        raise _corrupt(where, f"applied map of {alen} bytes does not fit the header")
+    try:
+        m = msgpack.unpackb(bytes(raw[OFF_APPLIED:OFF_APPLIED + alen]), strict_map_key=False,
+                            max_array_len=MAX_APPLIED, max_map_len=MAX_APPLIED)
+    except Exception as exc:  # noqa: BLE001 - msgpack raises many types on bad input
+        raise _corrupt(where, f"applied map does not parse ({type(exc).__name__})") from None
+    if not isinstance(m, dict) or len(m) > MAX_APPLIED:
+        raise _corrupt(where, "applied map is not a map of at most "
+                              f"{MAX_APPLIED} entries")
+    for k, v in m.items():
+        if type(k) is not int or type(v) is not int or not 0 < k < 2**63 or not 0 <= v < 2**63:
+            raise _corrupt(where, f"applied map entry {k!r}: {v!r} is not region -> seq")
+    return dict(m)
+
+
+def _corrupt(where: str, reason: str) -> CorruptDisk:
+    return CorruptDisk(f"disk {where}: {reason}", reason)
 
 
 class Disk:
     def __init__(self, path: Path, fd: int, header: mmap.mmap, epoch: int,
-                 direct_fd: int | None = None) -> None:
+                 direct_fd: int | None = None, *, file_size: int | None = None,
+                 node: int | None = None, index: int | None = None) -> None:
         self.path = path
         self.fd = fd  # buffered: header, unaligned I/O, replay pwrites
         self.direct_fd = direct_fd  # O_DIRECT on a block device, for page-aligned data I/O
         self._hdr = header
-        magic, version, node, disk, _, size, _, _ = _HDR.unpack_from(header, 0)
-        if magic != MAGIC or version != VERSION:
-            raise ValueError(f"{path} is not a vmemu disk")
-        self.node_index = node
-        self.disk_index = disk
-        self.size = size
+        if file_size is None:
+            file_size = os.lseek(fd, 0, os.SEEK_END)
+        hdr = parse_header(header, str(path), file_size, node, index)
+        self.node_index = hdr.node_index
+        self.disk_index = hdr.disk_index
+        self.size = hdr.size
         self.epoch = epoch
         self._data: np.memmap | None = None
 
@@ -80,33 +151,33 @@ class Disk:
             os.fsync(f.fileno())
 
     @classmethod
-    def open(cls, path: Path, epoch: int, *, direct: bool = True) -> "Disk":
+    def open(cls, path: Path, epoch: int, *, direct: bool = True, node: int | None = None,
+             index: int | None = None) -> "Disk":
         """Open for service at `epoch`, which the hypervisor has already stamped in the header.
 
         `path` is an image or a block device (a loop device with the whole image attached); an
         image that is attached is opened through its device. `direct` enables O_DIRECT for
-        page-aligned data I/O on a block device (ignored for files).
+        page-aligned data I/O on a block device (ignored for files). `node` and `index`, when
+        given, must be what the header says (the file's name says whose disk it is). A header
+        that does not check out raises CorruptDisk naming the file and the reason.
         """
         path, fd = _open_rw(Path(path))
         fds = [fd]
         try:
             block = stat.S_ISBLK(os.fstat(fd).st_mode)
+            end = os.lseek(fd, 0, os.SEEK_END)
+            if end < HEADER:  # mapping a page past the end of a file would SIGBUS on access
+                raise _corrupt(str(path), f"{end} bytes long, shorter than its {HEADER}-byte header")
             hdr = mmap.mmap(fd, HEADER, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
             raise
         try:
-            disk = cls(path, fd, hdr, epoch)
-            if block:
-                end = os.lseek(fd, 0, os.SEEK_END)
-                if end < HEADER + disk.size:
-                    raise InvalidState(f"{path} holds {end} bytes, less than its "
-                                       f"{HEADER + disk.size}-byte disk: attached to a "
-                                       "truncated image?")
-                if direct:
-                    disk.direct_fd = _open_direct(path)
-                    if disk.direct_fd is not None:
-                        fds.append(disk.direct_fd)
+            disk = cls(path, fd, hdr, epoch, file_size=end, node=node, index=index)
+            if block and direct:
+                disk.direct_fd = _open_direct(path)
+                if disk.direct_fd is not None:
+                    fds.append(disk.direct_fd)
             disk.check_epoch()
         except BaseException:
             hdr.close()
@@ -177,35 +248,39 @@ class Disk:
 
     # -- replay bookkeeping ----------------------------------------------------------------
     def applied(self) -> dict[int, int]:
-        n = struct.unpack_from("<I", self._hdr, 40)[0]
-        if n == 0:
-            return {}
-        raw = msgpack.unpackb(bytes(self._hdr[44:44 + n]), strict_map_key=False)
-        return {int(k): int(v) for k, v in raw.items()}
+        """{region: last seq on this disk}, read back from the header; CorruptDisk if the map
+        does not check out."""
+        n = struct.unpack_from("<I", self._hdr, OFF_APPLIED_LEN)[0]
+        return _applied(self._hdr, n, str(self.path))
 
     def set_applied(self, applied: dict[int, int]) -> None:
         """Record (durably) what the data area now holds from each log."""
         self.check_epoch()
         items = list(applied.items())[-MAX_APPLIED:]
         raw = msgpack.packb(dict(items))
-        if 44 + len(raw) > HEADER:
+        if OFF_APPLIED + len(raw) > HEADER:
             raise ValueError("applied map does not fit in the disk header")
-        pwrite_all(self.fd, struct.pack("<I", len(raw)) + raw, 40)
+        pwrite_all(self.fd, struct.pack("<I", len(raw)) + raw, OFF_APPLIED_LEN)
         os.fdatasync(self.fd)
 
 
-def stamp_epoch(path: Path) -> int:
+def stamp_epoch(path: Path, node: int | None = None, index: int | None = None) -> int:
     """Fence every earlier holder of this disk: bump its epoch and return the new one.
 
     Done by the hypervisor (which owns the storage adapter in the patent) before it hands the
     disk to anyone; a write by a holder of an older epoch fails its check from then on.
     `path` is an image or a block device; an attached image is stamped through its device,
-    where the holders' header mappings live.
+    where the holders' header mappings live. The header is checked first (``parse_header``,
+    with the expected `node` and `index` when given): nothing is written into a file that is
+    not this disk, and CorruptDisk says why.
     """
-    _, fd = _open_rw(Path(path))
+    target, fd = _open_rw(Path(path))
     try:
-        raw = os.pread(fd, 8, OFF_EPOCH)
-        epoch = struct.unpack("<Q", raw)[0] + 1
+        end = os.lseek(fd, 0, os.SEEK_END)
+        hdr = parse_header(os.pread(fd, HEADER, 0), str(target), end, node, index)
+        epoch = hdr.epoch + 1
+        if epoch >= EPOCH_LIMIT:  # the next open would refuse it: refuse it here
+            raise _corrupt(str(target), f"epoch {hdr.epoch} is absurd (limit 2**62)")
         os.pwrite(fd, struct.pack("<Q", epoch), OFF_EPOCH)
         os.fdatasync(fd)
         return epoch

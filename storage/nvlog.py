@@ -22,6 +22,7 @@ import numpy as np
 
 from storage import nvlog_format as F
 from storage.checksum import crc32c_kernel
+from storage.nvlog_header import check_region
 from vmemu.errors import LogFull
 
 _U64 = struct.Struct("<Q")
@@ -89,10 +90,10 @@ class RegionHeader:
 
     @classmethod
     def read(cls, buf: mmap.mmap | memoryview | bytes | np.ndarray) -> "RegionHeader":
-        raw = bytes(memoryview(buf)[: F.REGION_STRUCT.size])
-        magic, version, node, rid, cap, gen, base, tail = F.REGION_STRUCT.unpack(raw)
-        if magic != F.REGION_MAGIC or version not in (F.REGION_VERSION, F.REGION_VERSION_HALVES):
-            raise ValueError("not an NVRAM region (bad magic or version)")
+        """The header of a whole region; CorruptRegion (a ValueError) if it does not check
+        out (nvlog_header.check_region: magic, version, node, capacity against the size)."""
+        check_region(buf)
+        _magic, version, node, rid, cap, gen, base, tail = F.REGION_STRUCT.unpack_from(buf, 0)
         return cls(node, rid, cap, gen, base, tail, version)
 
     @property
@@ -123,24 +124,19 @@ def log_view(buf: mmap.mmap) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.uint8, offset=F.REGION_HEADER)
 
 
-def region_logs(buf: mmap.mmap | bytearray) -> list[tuple[np.ndarray, int, int]]:
+def region_logs(buf: mmap.mmap | bytearray, owner: int | None = None,
+                region_id: int | None = None) -> list[tuple[np.ndarray, int, int]]:
     """Every log of a region as (view, generation, base_seq), oldest records first.
 
     One log for a version-1 region; two for a region used in halves, ordered by base_seq so
-    that replaying them in this order applies records in sequence order.
+    that replaying them in this order applies records in sequence order. The header is
+    checked first (CorruptRegion); a half whose own fields are absurd is left out (the
+    D-module replays through ``nvlog_check.read_region``, which also reports it).
     """
-    hdr = RegionHeader.read(buf)
+    hdr = check_region(buf, owner, region_id)
     whole = log_view(buf)  # type: ignore[arg-type]
-    if not hdr.halves:
-        return [(whole, hdr.generation, hdr.base_seq)]
-    h = hdr.half_capacity
-    logs = []
-    for half, (g_off, b_off, _t) in enumerate(F.HALF_FIELDS):
-        gen = _U64.unpack_from(buf, g_off)[0]
-        base = _U64.unpack_from(buf, b_off)[0]
-        if gen:
-            logs.append((whole[half * h:(half + 1) * h], gen, base))
-    return sorted(logs, key=lambda x: x[2])
+    return [(whole[a.start - F.REGION_HEADER:a.start - F.REGION_HEADER + a.size], a.generation,
+             a.base_seq) for a in hdr.logs if a.problem is None]
 
 
 class NVLogWriter:

@@ -38,7 +38,9 @@ FLAG_LZ4 `stored` must equal `length`. FLAG_LZ4 is only valid in a version-2 rec
 
 A reader stops at the first record with a bad magic, version, generation, sequence,
 stored size or checksum: everything before it is what was acknowledged (the writer
-acknowledges only after the whole record, checksum included, is in the region). A record
+acknowledges only after the whole record, checksum included, is in the region). Where it
+stops is then compared with the header's tail: short of it, the record there was corrupted
+after the writer finished it, and what follows is reported lost (storage/nvlog_check.py). A record
 that verifies but whose lz4 block does not decompress to `length` bytes cannot come from
 the writer; it does not end the log (what follows was acknowledged), it is a *bad* record,
 skipped and counted like one that falls outside its disk.

@@ -249,6 +249,8 @@ def status(obj: Ctx, as_json: bool) -> None:
             stages = ", ".join(f"{k} {v:.1f}ms" for k, v in lt["stages"].items())
             console.print(f"last takeover of {n['name']}: by {lt.get('server', '?')} after "
                           f"{lt['reason']}: {stages}")
+    for line in corruption_lines(raw):
+        console.print(line, highlight=False)
     if raw["grants"]:
         console.print("grants: " + "; ".join(f"{g['owner']}'s {g['region']} -> {g['grantee']} ({g['mode']})"
                                              for g in raw["grants"]))
@@ -258,6 +260,48 @@ def status(obj: Ctx, as_json: bool) -> None:
         for r in rows:
             console.print(f"  {r['identity']:<7} {r['lun']:<5} {r['uri']:<34} served by "
                           f"{r['served_by'] or 'nobody'}", highlight=False)
+
+
+def corruption_lines(raw: dict[str, Any]) -> list[str]:
+    """One loud line per quarantined NVRAM region, corrupt NVLog record, or identity whose
+    assigns keep failing (a corrupt disk header, say)."""
+    out = []
+    nv = raw.get("nvram") or {}
+    for q in nv.get("quarantined") or []:
+        what = "region" if q.get("half") is None else f"half {q['half']} of region"
+        out.append(f"[red]NVRAM {what} {q.get('region')} of {q.get('owner')} quarantined[/] "
+                   f"(replay of node{q.get('identity')} by {q.get('reported_by')}): "
+                   f"{q.get('reason')}; "
+                   + _lost_text(q) + _copy_text(q))
+    for b in nv.get("corrupt_records") or []:
+        out.append(f"[red]corrupt NVLog record[/] in region {b.get('region')} of {b.get('owner')}, "
+                   f"half {b.get('half')} byte {b.get('position')}: {b.get('why')}; expected seq "
+                   f"{b.get('expected_seq')}, tail {b.get('tail')}, {b.get('verified_after')} "
+                   "records after it verify; " + _lost_text(b) + _copy_text(b))
+    for n in raw.get("nodes") or []:
+        bo = n.get("assign_backoff")
+        if bo:
+            out.append(f"[red]{n['name']} cannot be served[/]: {bo['failures']} assigns failed, "
+                       f"last: {bo['error']}; next try in {bo['retry_in_s']}s")
+    return out
+
+
+def _lost_text(r: dict[str, Any]) -> str:
+    if not r.get("data_loss"):
+        return "no acknowledged write lost"
+    seq = r.get("lost_seq")
+    n = r.get("lost_records") or 0
+    text = (("up to " if r.get("estimate") else "") + f"{n} acknowledged writes LOST"
+            + (f" (seq {seq[0]}..{seq[1]})" if seq else ""))
+    if r.get("unverifiable_records") is None or r.get("unverifiable_records"):
+        text += ", and records that no longer verify"
+    return text
+
+
+def _copy_text(r: dict[str, Any]) -> str:
+    if r.get("copy"):
+        return f"; copy in {r['copy']}"
+    return f"; no copy: {r['copy_error']}" if r.get("copy_error") else ""
 
 
 def _lun_rows(raw: dict[str, Any]) -> list[dict[str, Any]]:

@@ -80,11 +80,33 @@ class NoSpace(VmemuError):
     code = "no_space"
 
 
+class CorruptRegion(VmemuError, ValueError):
+    """An NVRAM region whose header cannot be trusted (read back from memory another process
+    wrote). Also a ValueError: the reader refuses the bytes it was given."""
+
+    code = "corrupt_region"
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
+
+
+class CorruptDisk(VmemuError, ValueError):
+    """A disk image whose header does not parse or is out of range; the message names the file."""
+
+    code = "corrupt_disk"
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
+
+
 _BY_CODE: dict[str, type[VmemuError]] = {
     cls.code: cls
     for cls in (
         VmemuError, BadRequest, BadFrame, OutOfRange, UnknownLun, UnknownNode, NotGranted,
         Fenced, Unavailable, Timeout, NotRunning, DataDirInUse, InvalidState, LogFull, NoSpace,
+        CorruptRegion, CorruptDisk,
     )
 }
 

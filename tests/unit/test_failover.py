@@ -227,7 +227,8 @@ def test_failed_assign_is_logged_and_leaves_the_identity_unserved() -> None:
     r = cl.boot()
     cl.ev(Failed(1, "exit"))
     acts = cl.ev(AssignDone(2, 1, 0, False, "replay failed"))
-    assert acts == [Log("assign_failed", 2, {"identity": 1, "error": "replay failed"})]
+    assert acts == [Log("assign_failed", 2, {"identity": 1, "error": "replay failed",
+                                             "failures": 1, "retry_in_s": 1.0})]
     assert cl.served_by(1) is None and cl.c.identities[1].transit is None
     assert cl.chain(1) == [r[1]]  # nothing was replayed: the dead region stays needed
 
@@ -638,3 +639,31 @@ def test_a_failed_assign_is_retried_after_a_pause() -> None:
     assert not [a for a in c.handle(Tick(), 0.1 + RETRY_PLACE_S / 2) if isinstance(a, Assign)]
     again = [a for a in c.handle(Tick(), 0.2 + RETRY_PLACE_S) if isinstance(a, Assign)]
     assert again == [Assign(1, 1, (), "boot")]
+
+
+def test_an_assign_that_keeps_failing_is_retried_later_and_later_then_resets() -> None:
+    """A corrupt disk does not mend itself: the retries back off to RETRY_MAX_S and status
+    says why; one success forgets the failures."""
+    from vmemu.hypervisor.failover import RETRY_MAX_S, Coordinator
+
+    c = Coordinator(2, "pairs", giveback_delay=-1)
+    for n in (1, 2):
+        c.handle(Spawned(n), 0.0)
+    c.handle(Registered(1, 0x11), 0.0)
+    c.handle(Registered(2, 0x22), 0.0)
+    now, gaps = 0.0, []
+    for _ in range(12):
+        log = c.handle(AssignDone(1, 1, 0, False, "disk node1/disk0.img: bad magic"), now)[0]
+        gaps.append(log.fields["retry_in_s"])
+        assert c.assign_backoff(1, now) == {"failures": len(gaps),
+                                            "error": "disk node1/disk0.img: bad magic",
+                                            "retry_in_s": gaps[-1]}
+        # Nothing before the delay is up; the assign comes back once it is.
+        assert not [a for a in c.handle(Tick(), now + gaps[-1] - 0.01) if isinstance(a, Assign)]
+        now += gaps[-1]
+        assert [a for a in c.handle(Tick(), now) if isinstance(a, Assign)]
+    assert gaps[:3] == [1.0, 1.0, 1.0] and gaps[3:6] == [2.0, 4.0, 8.0]
+    assert max(gaps) == RETRY_MAX_S and gaps[-1] == RETRY_MAX_S
+    assert sum(1 for g in gaps if g < RETRY_MAX_S) < 10  # not once a second forever
+    c.handle(AssignDone(1, 1, 0x11, True), now)
+    assert c.assign_backoff(1, now) is None and c.identities[1].served_by == 1

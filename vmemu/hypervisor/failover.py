@@ -25,6 +25,18 @@ from vmemu.errors import InvalidState
 BOOTING, UP, SERVING, DOWN, STOPPED = "booting", "up", "serving", "down", "stopped"
 ALIVE = (UP, SERVING)
 RETRY_PLACE_S = 1.0
+# A failed assign is retried after RETRY_PLACE_S the first RETRY_QUICK times (a node dying
+# mid-assign, a busy disk), then after twice as long each time, up to RETRY_MAX_S: a corrupt
+# disk header or an aggregate that cannot mount does not mend itself, and retrying it every
+# second forever only fills the event log. Any other event (a node registers, another fails)
+# places the identity again at once.
+RETRY_QUICK = 3
+RETRY_MAX_S = 60.0
+
+
+def retry_delay(failures: int) -> float:
+    """Seconds before the next try of an identity whose assign failed `failures` times."""
+    return min(RETRY_MAX_S, RETRY_PLACE_S * 2.0 ** max(0, failures - RETRY_QUICK))
 
 
 # -- events ----------------------------------------------------------------------------------
@@ -146,6 +158,7 @@ class Coordinator:
         self.dead_regions: set[int] = set()
         self.giveback_due: dict[int, float] = {}
         self.retry_at: dict[int, float] = {}
+        self.assign_failures: dict[int, tuple[int, str]] = {}  # identity -> (count, last error)
         self.shutting_down = False
 
     # -- queries -----------------------------------------------------------------------------
@@ -157,6 +170,15 @@ class Coordinator:
 
     def served(self, node: int) -> list[int]:
         return [i.index for i in self.identities.values() if i.served_by == node]
+
+    def assign_backoff(self, identity: int, now: float) -> dict | None:
+        """For status: an identity whose assigns keep failing (None once one succeeded)."""
+        f = self.assign_failures.get(identity)
+        if f is None:
+            return None
+        due = self.retry_at.get(identity)
+        return {"failures": f[0], "error": f[1],
+                "retry_in_s": None if due is None else round(max(0.0, due - now), 1)}
 
     def takeover_possible(self, node: int) -> bool:
         return self.alive(self.partner(node)) and self.region[node] is not None
@@ -225,9 +247,15 @@ class Coordinator:
             return [Log("stale_reply", ev.node, {"identity": ev.identity})]
         ident.transit = None
         if not ev.ok:
-            # Try again shortly (the node may have died, or a disk may have been busy).
-            self.retry_at[ev.identity] = now + RETRY_PLACE_S
-            return [Log("assign_failed", ev.node, {"identity": ev.identity, "error": ev.error})]
+            # Try again shortly (the node may have died, or a disk may have been busy), and
+            # later and later if it keeps failing (retry_delay).
+            failures = self.assign_failures.get(ev.identity, (0, ""))[0] + 1
+            self.assign_failures[ev.identity] = (failures, ev.error)
+            delay = retry_delay(failures)
+            self.retry_at[ev.identity] = now + delay
+            return [Log("assign_failed", ev.node, {"identity": ev.identity, "error": ev.error,
+                                                   "failures": failures, "retry_in_s": delay})]
+        self.assign_failures.pop(ev.identity, None)
         ident.served_by = ev.node
         ident.last_server = ev.node
         if ev.region not in ident.chain:

@@ -30,8 +30,8 @@ from vmemu import datadir
 from vmemu.bus import codec
 from vmemu.bus.rpc import AsyncRpcClient, RpcServer
 from vmemu.config import ClusterConfig, nbd_address, nbd_uri, node_index, partner_of
-from vmemu.errors import (BadRequest, InvalidState, NoSpace, NotGranted, Unavailable,
-                          UnknownLun, UnknownNode, VmemuError)
+from vmemu.errors import (BadRequest, CorruptDisk, InvalidState, NoSpace, NotGranted,
+                          Unavailable, UnknownLun, UnknownNode, VmemuError)
 from vmemu.hypervisor import failover as fo
 from vmemu.hypervisor.destage import Destage, Keeper
 from vmemu.hypervisor.events import EventLog, LineFile
@@ -39,6 +39,7 @@ from vmemu.hypervisor.rdb_driver import RdbDriver
 from vmemu.hypervisor.fdbroker import FdBroker
 from vmemu.hypervisor.grants import GrantTable
 from vmemu.hypervisor.heartbeat import HeartbeatMonitor
+from vmemu.hypervisor.nvram_reports import NvramReports
 from vmemu.hypervisor.supervisor import MediatorLink, Supervisor
 from vmemu.privfs import lossy_stdio, set_umask
 from vmemu.throttle import Throttle
@@ -71,6 +72,9 @@ class Hypervisor:
                                mediator=self.mediator, emit=self.events.emit,
                                region_size=guest_region_size(cfg),
                                require_sealed=cfg.grant_mode == "ro")
+        self.nvram_reports = NvramReports(
+            data_dir, lambda r: self.broker.held[r].fd if r in self.broker.held else None,
+            self.events.emit)
         self.guests: dict[int, AsyncRpcClient] = {}
         self.lun_lists: dict[int, list] = {}  # identity -> [[index, name, size]] from its assign
         self.loop_fds: list[int] = []
@@ -251,6 +255,7 @@ class Hypervisor:
                 self.stop_requested = True
             self._check_heartbeats(now)
             self._apply(self.coord.handle(fo.Tick(), now))
+            self.nvram_reports.poll()
             self._sample_metrics(now)
             self._rdb_retry(now)
             if not self.rdb_seeded:
@@ -343,7 +348,14 @@ class Hypervisor:
             g.fail_all(InvalidState(f"node{node} was fenced"))
             g.close()
         # Only what this node served: stamping a live server's identity would fence *it*.
-        epochs = {f"node{i}": self._stamp(i) for i in self._served_at_fail.pop(node, [])}
+        epochs: dict[str, int | str] = {}
+        for i in self._served_at_fail.pop(node, []):
+            try:
+                epochs[f"node{i}"] = self._stamp(i)
+            except (CorruptDisk, OSError) as exc:
+                # The holder is killed and reaped already; the epoch is the second fence. A
+                # disk we cannot stamp is one no domain can open either (its assign says so).
+                epochs[f"node{i}"] = f"not stamped: {exc}"
         now = time.monotonic()
         for t in self.takeovers.values():
             if t.get("failed") == f"node{node}" and "fenced" not in t["stages"]:
@@ -351,9 +363,16 @@ class Hypervisor:
         self.events.emit("fenced", node, exit_code=code, disk_epochs=epochs)
 
     def _stamp(self, identity: int) -> int:
+        """Fence `identity`'s disks to a new epoch. CorruptDisk (or OSError) for a disk whose
+        header does not check out: nothing is written into it, and an event says which."""
         epoch = 0
         for d in range(self.cfg.disks):
-            epoch = stamp_epoch(disk_path(self.dir, identity, d))
+            try:
+                epoch = stamp_epoch(disk_path(self.dir, identity, d), node=identity, index=d)
+            except (CorruptDisk, OSError) as exc:
+                self.events.emit("disk_corrupt", "hypervisor", identity=f"node{identity}",
+                                 disk=d, error=str(exc))
+                raise
         return epoch
 
     def _grant(self, region: int, grantee: int) -> None:
@@ -372,7 +391,12 @@ class Hypervisor:
             g.call("map", {"region": region, "owner": r.owner}, 10.0, lambda res, err: None)
 
     def _assign(self, act: fo.Assign) -> None:
-        epoch = self._stamp(act.identity)
+        try:
+            epoch = self._stamp(act.identity)
+        except (CorruptDisk, OSError) as exc:  # refused before any domain is involved
+            self._apply(self.coord.handle(
+                fo.AssignDone(act.node, act.identity, 0, False, str(exc)), time.monotonic()))
+            return
         now = time.monotonic()
         t = self.takeovers.get(act.identity)
         if act.reason == "takeover" and t is not None and "partner_alerted" not in t["stages"]:
@@ -381,7 +405,10 @@ class Hypervisor:
         self.events.emit("partner_alerted" if act.reason == "takeover" else "assign", act.node,
                          identity=f"node{act.identity}", reason=act.reason, epoch=epoch,
                          chain=[f"{r:#x}" for r in act.chain])
-        chain = [[r, self.grants.regions[r].owner, self.mirror_ok.get(r, False)]
+        # Per region: owner, whether the taker's mirror copy is complete, and whether its owner
+        # still writes it (a giveback replays the releaser's live region, for its table).
+        chain = [[r, self.grants.regions[r].owner, self.mirror_ok.get(r, False),
+                  self.coord.region.get(self.grants.regions[r].owner) == r]
                  for r in act.chain if r in self.grants.regions]
 
         def done(res: Any, err: VmemuError | None) -> None:
@@ -412,7 +439,9 @@ class Hypervisor:
                          bytes=rep.get("bytes", 0), ms=rep.get("ms", 0.0),
                          regions=rep.get("regions", 0),
                          from_mirror_copy=rep.get("from_mirror_copy", 0),
-                         scanned=rep.get("scanned", 0), written=rep.get("written", 0))
+                         scanned=rep.get("scanned", 0), written=rep.get("written", 0),
+                         **{k: rep[k] for k in ("quarantined", "corrupt_records", "lost_records")
+                            if rep.get(k)})
         self.events.emit("identity_assumed", act.node, mono=res.get("assumed"),
                          identity=f"node{act.identity}", reason=act.reason,
                          endpoint=self.rundir.identity(act.identity))
@@ -713,6 +742,7 @@ class Hypervisor:
             self.events.emit("first_request_served", node, mono=mono, identity=f"node{ident}")
         else:
             self.events.emit(kind, node, mono=mono, **fields)
+            self.nvram_reports.note(kind, node, fields)
         return None
 
     def status(self) -> dict[str, Any]:
@@ -752,12 +782,14 @@ class Hypervisor:
                 "cp": st.get("cp"),
                 "cp_stalls": st.get("cp_stalls"),
                 "last_takeover": self._takeover_view(n),
+                "assign_backoff": self.coord.assign_backoff(n, now),
             })
         return {"version": 1, "cluster_id": self.cfg.cluster_id, "hypervisor_pid": os.getpid(),
                 "uptime_s": round(time.time() - self.started, 1), "config": self.cfg.to_dict(),
                 "nodes": nodes, "grants": self.grants.rows(),
                 "rdb": dict(self.rdb.status(), ready=self.rdb_seeded and self.rdb.available),
-                "regions_held": len(self.broker.held), "nvram": self.broker.view(),
+                "regions_held": len(self.broker.held),
+                "nvram": dict(self.broker.view(), **self.nvram_reports.view()),
                 "refused": dict(self.broker.refused, forged_reports=self.forged,
                                 bad_frames=self.control.bad_frames)}
 
@@ -810,6 +842,7 @@ class Hypervisor:
         self.events.emit("cluster_down", "hypervisor")
         for g in self.guests.values():
             g.close()
+        self.nvram_reports.join()
         self.broker.close()
         if self.stopping is not None:
             self.control.reply(self.stopping[0], self.stopping[1], {
