@@ -43,6 +43,20 @@ def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def events_when(c: Cluster, pred: Callable[[list[dict[str, Any]]], bool],
+                timeout: float = 20.0) -> list[dict[str, Any]]:
+    """The event log as soon as `pred` holds for it, or as it is at the deadline (the caller's
+    assertions then say what is missing). A guest's own events (CPs, RAID, its first request
+    served) reach Domain 0 on a channel of their own: they may land after the reply or the
+    status that told of what they report."""
+    end = time.monotonic() + timeout
+    while True:
+        evs = c.events()
+        if pred(evs) or time.monotonic() >= end:
+            return evs
+        time.sleep(0.02)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def warm_numba_cache():
     """Compile (or load) the replay kernels once per worker before any domain needs them."""

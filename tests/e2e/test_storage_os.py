@@ -18,7 +18,7 @@ import pytest
 
 from clients.load import LoadSpec, run_load
 from clients.verify import verify
-from tests.e2e.conftest import wait_until
+from tests.e2e.conftest import events_when, wait_until
 from tests.e2e.test_cli import assert_one_line_error, vmemu
 from vmemu.config import nbd_address
 from vmemu.errors import VmemuError
@@ -45,6 +45,14 @@ def storage(s, node: str) -> dict:
 
 def raid_state(s, node: str = "node1") -> str | None:
     return (storage(s, node).get("raid") or {}).get("state")
+
+
+def raid_of(s, node: str = "node1") -> dict:
+    return storage(s, node).get("raid") or {}
+
+
+def kinds(evs: list[dict]) -> list[str]:
+    return [e["kind"] for e in evs]
 
 
 def raid(c, node: str = "node1") -> dict:
@@ -261,12 +269,14 @@ def test_disk_failure_and_reconstruction_under_load(make_cluster, tmp_path):
         res = verify(ep, j)
         assert res["passed"], (j.name, res["problems"])
 
-    done = [e for e in c.events() if e["kind"] == "reconstruction_done"]
+    # RAID events travel apart from the heartbeats that brought the state "normal".
+    evs = events_when(c, lambda evs: "reconstruction_done" in kinds(evs))
+    done = [e for e in evs if e["kind"] == "reconstruction_done"]
     assert len(done) == 1 and done[0]["disk"] == "d1" and done[0]["node"] == "node1"
     assert done[0]["rate_mbps"] > 0 and done[0]["total"] == rb["total"]
-    kinds = [e["kind"] for e in c.events()]
-    assert kinds.index("disk_failed") < kinds.index("reconstruction_started") < \
-        kinds.index("reconstruction_done")
+    order = kinds(evs)
+    assert order.index("disk_failed") < order.index("reconstruction_started") < \
+        order.index("reconstruction_done")
 
     vmemu(c.dir, "cp", "node1", check=True)
     res = cli_json(c, "fsck", "node1")
@@ -274,7 +284,9 @@ def test_disk_failure_and_reconstruction_under_load(make_cluster, tmp_path):
     p = vmemu(c.dir, "scrub", "node1", check=True, timeout=300)
     assert "unrecoverable []" in p.stdout and "checksum_errors 0" in p.stdout, p.stdout
     assert "parity_mismatches 0" in p.stdout, p.stdout
-    scrub = [e for e in c.events() if e["kind"] == "scrub_done"]
+    # `scrub` returned on the domain's scrub_status; its event comes on its own.
+    scrub = [e for e in events_when(c, lambda evs: "scrub_done" in kinds(evs))
+             if e["kind"] == "scrub_done"]
     assert scrub and scrub[-1]["checksum_errors"] == 0
     # With d1 rebuilt, losing d0 now must still leave every acknowledged write readable.
     manage(c, "disk_fail", node="node1", disk=0)
@@ -297,7 +309,8 @@ def test_a_second_disk_failure_takes_raid4_offline_and_nothing_returns_wrong_dat
                     "status to report node1 offline")
     assert [x["state"] for x in st.node("node1")["storage"]["raid"]["disks"]] == \
         ["failed", "failed", "ok"]
-    assert [e["raid"] for e in c.events() if e["kind"] == "disk_failed"] == ["degraded", "offline"]
+    evs = events_when(c, lambda evs: kinds(evs).count("disk_failed") >= 2)
+    assert [e["raid"] for e in evs if e["kind"] == "disk_failed"] == ["degraded", "offline"]
 
     # Reads fail rather than return garbage, and say why.
     failed = 0
@@ -448,9 +461,13 @@ def test_silent_corruption_is_repaired_from_raid_and_reported(make_cluster):
     with c.client("node1") as b:
         for i in range(64):
             assert b.read(0, i * BLOCK, BLOCK) == blk(0x5C, i), f"block {i}"
-    c.wait_for(lambda s: (raid(c).get("read_errors") or {}).get("repaired", 0) > 0, 10,
+    c.wait_for(lambda s: (raid_of(s).get("read_errors") or {}).get("repaired", 0) > 0, 10,
                "the repairs in status")
-    assert any(e["kind"] == "read_errors" and e.get("repaired", 0) > 0 for e in c.events())
+
+    def repaired(evs: list[dict]) -> bool:
+        return any(e["kind"] == "read_errors" and e.get("repaired", 0) > 0 for e in evs)
+
+    assert repaired(events_when(c, repaired))
     rep = cli_json(c, "fsck", "node1")  # everything the file system reaches verifies again
     assert rep["ok"], rep["errors"]
     p = vmemu(c.dir, "scrub", "node1", check=True)
