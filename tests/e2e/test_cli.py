@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from vmemu.cluster import Control, wait_for
+
 
 def vmemu(data_dir, *args, check=False, timeout=120):
     env = dict(os.environ, VMEMU_DATA_DIR=str(data_dir))
@@ -17,6 +19,14 @@ def vmemu(data_dir, *args, check=False, timeout=120):
     if check:
         assert p.returncode == 0, p.stderr + p.stdout
     return p
+
+
+def wait_cluster(data_dir, pred, what, timeout=30.0):
+    ctl = Control(data_dir)
+    try:
+        wait_for(ctl, pred, timeout, what)
+    finally:
+        ctl.close()
 
 
 def assert_one_line_error(p, needle):
@@ -64,6 +74,9 @@ def test_readme_story_on_the_command_line(tmp_path):
         summary = json.loads(out)
         assert summary["version"] == 1 and summary["errors"] == 0 and summary["write"]["ops"] > 0
         assert "p99" in summary["write"]["clat_us"]
+        # The load may have ended before the takeover did (the crash is a process of its own,
+        # slow to start on a busy host): wait for it, then ask the CLI.
+        wait_cluster(d, lambda s: s.node("node1")["identity_served_by"] == "node2", "takeover")
         st = json.loads(vmemu(d, "status", "--json", check=True).stdout)
         n1 = st["nodes"][0]
         assert n1["state"] == "down" and n1["identity_served_by"] == "node2"

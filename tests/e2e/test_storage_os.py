@@ -134,6 +134,9 @@ def test_volume_lun_and_snapshot_lifecycle_with_bad_input_refused(make_cluster):
     assert v1["served_by"] == "node1" and v1["size"] == 16 * MiB and v1["snapshots"] == []
     assert v1["luns"] == [{"name": "data", "index": 2, "size": 8 * MiB}]
     assert {r["name"] for r in vols if r["owner"] == "node2"} == {"vol0"}  # nothing leaked
+    # `lun list` reads status, whose LUNs ride on heartbeats: wait for the new one there.
+    c.wait_for(lambda s: any(l[1] == "vol1/data" for l in storage(s, "node1").get("luns") or []),
+               10, "the new LUN in status")
     rows = cli_json(c, "lun", "list")
     row = next(r for r in rows if r["identity"] == "node1" and r["path"] == "vol1/data")
     assert row["lun"] == "lun2" and row["size"] == 8 * MiB and row["served_by"] == "node1"
