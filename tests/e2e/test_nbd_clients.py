@@ -17,8 +17,8 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -229,20 +229,19 @@ def _capped(proc: subprocess.Popen, limit: int = 64 << 10) -> dict[str, bytes]:
 
 
 def _run_fio(args: list[str], cwd: Path, timeout: float,
-             during: tuple[float, object] | None = None) -> tuple[int, str]:
+             during: Callable[[], None] | None = None) -> tuple[int, str]:
     proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = _capped(proc)
     try:
         if during is not None:
-            delay, action = during
-            time.sleep(delay)
-            action()  # type: ignore[operator]
+            during()
         rc = proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise AssertionError(f"fio did not finish within {timeout}s: {' '.join(args)}")
+        raise AssertionError(f"fio did not finish within {timeout}s: {' '.join(args)}") from None
     finally:
+        if proc.poll() is None:  # timed out, or `during` failed: fio must not outlive the test
+            proc.kill()
+            proc.wait()
         for t in out["threads"]:  # type: ignore[union-attr]
             t.join(5)
     return rc, (out["stdout"] + out["stderr"]).decode(errors="replace")  # type: ignore[operator]
@@ -274,12 +273,19 @@ def test_fio_verify_after_the_owner_crashes_mid_run(make_cluster, tmp_path):
     fio = need("fio")
     c = make_cluster(nodes=2, nbd_port=0, disk_mb=512, raid="none")  # 512M LUNs: the flat path
     target = uri(c, 1, 0)
+
+    def crash_after_writes() -> None:
+        # Mid-run by what node1 has done, not by the clock: fio and the guests may start slowly
+        # on a busy host. 3000 writes logged: fio has seen at least 3000 - iodepth acknowledged.
+        c.wait_for(lambda s: (s.node("node1")["ops"] or 0) >= 3000, 60, "fio's writes on node1")
+        c.crash("node1")
+
     job = ["--name=vw", "--ioengine=nbd", f"--uri={target}", "--rw=randwrite", "--bs=4k",
            "--iodepth=16", "--size=512M", "--verify=crc32c", "--randseed=4242"]
     rc, text = _run_fio([fio, *job, "--do_verify=0", "--verify_state_save=1",
                          "--write_lat_log=acked", "--log_offset=1", "--log_avg_msec=0",
                          "--output-format=json", "--output=write.json"], tmp_path, 120,
-                        during=(1.0, lambda: c.crash("node1")))
+                        during=crash_after_writes)
     assert rc != 0, f"the write pass ended before the crash (make the LUN bigger): {text[-2000:]}"
     acked_log = [l.split(",") for l in (tmp_path / "acked_clat.1.log").read_text().splitlines()]
     acked = {int(f[4]) for f in acked_log if f[2].strip() == "1"}
