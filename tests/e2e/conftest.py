@@ -7,11 +7,14 @@ which names every socket: tests run in parallel under xdist without sharing anyt
 from __future__ import annotations
 
 import os
+import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
+from clients.load import LoadSpec, run_load
 from vmemu.cluster import Cluster, Status
 
 TEST_DEFAULTS: dict[str, Any] = dict(
@@ -55,6 +58,32 @@ def events_when(c: Cluster, pred: Callable[[list[dict[str, Any]]], bool],
         if pred(evs) or time.monotonic() >= end:
             return evs
         time.sleep(0.02)
+
+
+class LoadRun:
+    """`run_load` in a daemon thread. finish() returns its summary, re-raises its error, and
+    fails (rather than waiting for ever, or a KeyError) if the load is still running; a test
+    that fails before finish() leaves no thread that could keep the worker from exiting."""
+
+    def __init__(self, endpoint: str, spec: LoadSpec, journal: Path | None,
+                 target: str = "node1") -> None:
+        self.out: dict[str, Any] = {}
+
+        def body() -> None:
+            try:
+                self.out["summary"] = run_load(endpoint, spec, journal, target)
+            except BaseException as exc:  # reported by finish(), not lost in the thread
+                self.out["error"] = exc
+
+        self.thread = threading.Thread(target=body, name="e2e-load", daemon=True)
+        self.thread.start()
+
+    def finish(self, timeout: float = 90.0) -> dict[str, Any]:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"the load did not finish within {timeout}s"
+        if "error" in self.out:
+            raise self.out["error"]
+        return self.out["summary"]
 
 
 @pytest.fixture(scope="session", autouse=True)

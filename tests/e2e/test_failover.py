@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
 
-from clients.load import LoadSpec, run_load
+from clients.load import LoadSpec
 from clients.verify import verify
-from tests.e2e.conftest import events_when, served_by, wait_until
+from tests.e2e.conftest import LoadRun, events_when, served_by, wait_until
 
 
-def run_load_in_thread(endpoint: str, journal: Path, seconds: float) -> tuple[threading.Thread, dict]:
-    out: dict = {}
-
-    def body() -> None:
-        out["summary"] = run_load(endpoint, LoadSpec(duration=seconds, iodepth=16, size=8 << 20),
-                                  journal, "node1")
-
-    t = threading.Thread(target=body)
-    t.start()
-    return t, out
+def load_in_thread(endpoint: str, journal: Path, seconds: float) -> LoadRun:
+    return LoadRun(endpoint, LoadSpec(duration=seconds, iodepth=16, size=8 << 20), journal)
 
 
 def kinds_since_crash(evs: list[dict]) -> list[str]:
@@ -38,13 +29,12 @@ def test_kill9_under_load_loses_no_acknowledged_write(make_cluster, tmp_path, ha
     c = make_cluster(nodes=2, ha_mode=ha_mode)
     c.wait_for(lambda s: all(n["takeover_possible"] for n in s.nodes), 20, "partners ready")
     journal = tmp_path / "w.jsonl"
-    t, out = run_load_in_thread(c.endpoint("node1"), journal, 4.0)
+    load = load_in_thread(c.endpoint("node1"), journal, 4.0)
     # Without NVRAM every write waits for fdatasync: far fewer of them in the same time.
     wait_ops(c, "node1", 200 if ha_mode == "none" else 2000, timeout=60)
     c.crash("node1")
     c.wait_for(lambda s: s.node("node1")["identity_served_by"] == "node2", 20, "takeover by node2")
-    t.join(60)
-    summary = out["summary"]
+    summary = load.finish(60)
     assert summary["errors"] == 0
     assert summary["reconnects"] >= 1  # the client really did cross a takeover
     res = verify(c.endpoint("node1"), journal)

@@ -11,7 +11,7 @@ import pytest
 
 from clients.verify import verify
 from tests.e2e.conftest import alive, served_by, wait_until
-from tests.e2e.test_failover import run_load_in_thread, wait_ops
+from tests.e2e.test_failover import load_in_thread, wait_ops
 
 
 def mediator_of(c) -> dict:  # type: ignore[no-untyped-def]
@@ -78,12 +78,11 @@ def test_kill9_under_load_then_restart_and_giveback(make_cluster, tmp_path, ha_m
     c.wait_for(lambda s: all(n["takeover_possible"] for n in s.nodes), 20, "partners ready")
     first = c.status().node("node1")["region"]
     journal = tmp_path / "w.jsonl"
-    t, out = run_load_in_thread(c.endpoint("node1"), journal, 4.0)
+    load = load_in_thread(c.endpoint("node1"), journal, 4.0)
     wait_ops(c, "node1", 2000, timeout=60)
     c.crash("node1")
     c.wait_for(lambda s: s.node("node1")["identity_served_by"] == "node2", 20, "takeover by node2")
-    t.join(60)
-    summary = out["summary"]
+    summary = load.finish(60)
     assert summary["errors"] == 0 and summary["reconnects"] >= 1
     res = verify(c.endpoint("node1"), journal)
     assert res["passed"], res["problems"]

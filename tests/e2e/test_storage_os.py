@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
 import warnings
 from pathlib import Path
 
 import pytest
 
-from clients.load import LoadSpec, run_load
+from clients.load import LoadSpec
 from clients.verify import verify
-from tests.e2e.conftest import events_when, wait_until
+from tests.e2e.conftest import LoadRun, events_when, wait_until
 from tests.e2e.test_cli import assert_one_line_error, vmemu
 from vmemu.config import nbd_address
 from vmemu.errors import VmemuError
@@ -71,27 +70,8 @@ def blk(tag: int, i: int) -> bytes:
     return (bytes([tag & 0xFF, i & 0xFF, (i >> 8) & 0xFF]) * (BLOCK // 3 + 1))[:BLOCK]
 
 
-def load_in_thread(endpoint: str, journal: Path, seconds: float, lun: int = 0):
-    out: dict = {}
-
-    def body() -> None:
-        try:
-            out["summary"] = run_load(endpoint, LoadSpec(duration=seconds, iodepth=16, size=8 * MiB,
-                                                         lun=lun), journal, "node1")
-        except BaseException as exc:  # reported by the test, not lost in the thread
-            out["error"] = exc
-
-    t = threading.Thread(target=body, daemon=True)
-    t.start()
-    return t, out
-
-
-def finish_load(t: threading.Thread, out: dict) -> dict:
-    t.join(90)
-    assert not t.is_alive(), "the load did not finish"
-    if "error" in out:
-        raise out["error"]
-    return out["summary"]
+def load_in_thread(endpoint: str, journal: Path, seconds: float, lun: int = 0) -> LoadRun:
+    return LoadRun(endpoint, LoadSpec(duration=seconds, iodepth=16, size=8 * MiB, lun=lun), journal)
 
 
 def wait_ops(c, node: str, at_least: int, timeout: float = 30) -> None:
@@ -243,14 +223,14 @@ def test_disk_failure_and_reconstruction_under_load(make_cluster, tmp_path):
     j1, j2 = tmp_path / "degraded.jsonl", tmp_path / "rebuild.jsonl"
 
     # Phase 1: a disk fails under load.
-    t, out = load_in_thread(ep, j1, 2.5, lun=0)
+    load = load_in_thread(ep, j1, 2.5, lun=0)
     wait_ops(c, "node1", 500)
     p = vmemu(c.dir, "disk", "fail", "node1", "d1", check=True)
     assert "degraded" in p.stdout
     st = c.wait_for(lambda s: raid_state(s) == "degraded", 10, "status to show node1 degraded")
     r = storage(st, "node1")["raid"]
     assert [x["state"] for x in r["disks"]] == ["ok", "failed", "ok"]
-    s1 = finish_load(t, out)
+    s1 = load.finish()
     assert s1["errors"] == 0 and s1["write"]["ops"] > 500
     vmemu(c.dir, "cp", "node1", check=True)  # everything through the degraded group to disk
     res = verify(ep, j1)
@@ -259,14 +239,14 @@ def test_disk_failure_and_reconstruction_under_load(make_cluster, tmp_path):
     assert_one_line_error(vmemu(c.dir, "disk", "fail", "node1", "d1"), "already failed")
 
     # Phase 2: the replacement is reconstructed in the background while the load goes on.
-    t, out = load_in_thread(ep, j2, 2.5, lun=1)
+    load = load_in_thread(ep, j2, 2.5, lun=1)
     wait_ops(c, "node1", s1["write"]["ops"] + 300)
     vmemu(c.dir, "disk", "replace", "node1", "d1", check=True)
     st = c.wait_for(lambda s: raid_state(s) == "normal", 60,
                     "reconstruction of node1 d1")
     rb = st.node("node1")["storage"]["raid"]["rebuild"]
     assert rb["disk"] == "d1" and rb["done"] == rb["total"] > 0
-    s2 = finish_load(t, out)
+    s2 = load.finish()
     assert s2["errors"] == 0 and s2["write"]["ops"] > 300
     for j in (j1, j2):
         res = verify(ep, j)
@@ -394,11 +374,11 @@ def test_takeover_replays_onto_the_aggregate_and_double_failure_is_unavailable(m
         for i in range(16):
             b.write(2, i * BLOCK, blk(0x77, i))
     journal = tmp_path / "w.jsonl"
-    t, out = load_in_thread(c.endpoint("node1"), journal, 3.0)
+    load = load_in_thread(c.endpoint("node1"), journal, 3.0)
     wait_ops(c, "node1", 1500)
     c.crash("node1")
     c.wait_for(lambda s: s.node("node1")["identity_served_by"] == "node2", 20, "takeover by node2")
-    summary = finish_load(t, out)
+    summary = load.finish()
     assert summary["errors"] == 0 and summary["reconnects"] >= 1
     res = verify(c.endpoint("node1"), journal)
     assert res["passed"], res["problems"]
