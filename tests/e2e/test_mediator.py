@@ -10,7 +10,7 @@ import signal
 import pytest
 
 from clients.verify import verify
-from tests.e2e.conftest import alive, served_by, wait_until
+from tests.e2e.conftest import alive, events_when, served_by, wait_until
 from tests.e2e.test_failover import load_in_thread, wait_ops
 
 
@@ -94,8 +94,11 @@ def test_kill9_under_load_then_restart_and_giveback(make_cluster, tmp_path, ha_m
     assert replay["scanned"] > 0
     assert replay["from_mirror_copy"] == (1 if ha_mode == "mirror" else 0)
     if ha_mode == "shm":
-        mapped = [e for e in c.events() if e["kind"] == "mapped" and e["node"] == "node2"]
-        assert any(e["region"] == first and e["mode"] == "ro" for e in mapped)
+        def mapped_ro(evs: list[dict]) -> bool:  # node2's own report, sent when it mapped
+            return any(e["kind"] == "mapped" and e["node"] == "node2" and e["region"] == first
+                       and e["mode"] == "ro" for e in evs)
+
+        assert mapped_ro(events_when(c, mapped_ro))
 
     # The restarted node1 gets a NEW region from the mediator; then giveback.
     c.restart("node1")
