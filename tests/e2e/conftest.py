@@ -86,6 +86,42 @@ class LoadRun:
         return self.out["summary"]
 
 
+def processes_under(root: Path) -> dict[int, str]:
+    """Live processes started for a test: an argument or the working directory under `root`
+    (its tmp_path: every data dir, journal, fio run, tmux socket of the test is there)."""
+    prefix = str(root).rstrip("/") + "/"
+    found: dict[int, str] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+            cwd = os.readlink(f"/proc/{entry.name}/cwd") + "/"
+        except OSError:
+            continue  # gone meanwhile, or a kernel thread
+        if (cwd.startswith(prefix) or any(a.startswith(prefix) or f"={prefix}" in a for a in args)) \
+                and alive(int(entry.name)):
+            found[int(entry.name)] = " ".join(args)[:200]
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_process_left(tmp_path: Path):
+    """Whatever a test started must be gone once its fixtures are torn down, also when it
+    failed half-way: a leftover is killed, so it cannot disturb later tests, and reported."""
+    yield
+    end = time.monotonic() + 20  # a cluster told to stop may take a moment to finish
+    while (left := processes_under(tmp_path)) and time.monotonic() < end:
+        time.sleep(0.1)
+    for pid in left:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    assert not left, f"processes left running (now killed): {left}"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def warm_numba_cache():
     """Compile (or load) the replay kernels once per worker before any domain needs them."""
