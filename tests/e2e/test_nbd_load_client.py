@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -17,27 +16,21 @@ from clients.verify import verify
 pytestmark = pytest.mark.skipif(shutil.which("nbdkit") is None, reason="nbdkit is not installed")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def nbdkit_uri():
-    port = free_port()
-    proc = subprocess.Popen(["nbdkit", "-f", "-p", str(port), "-i", "127.0.0.1", "memory",
-                             "size=32M"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"nbd://127.0.0.1:{port}/"
+    """nbdkit's memory plugin on a socket this test already listens on, handed over by socket
+    activation (fd 3, LISTEN_PID, LISTEN_FDS, as systemd does it): no port is picked, freed
+    and bound again, which another test could take in between, and nothing to wait for."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port, fd = listener.getsockname()[1], listener.fileno()
+        move = "" if fd == 3 else f"exec 3<&{fd} {fd}<&-; "  # bash: any fd number
+        proc = subprocess.Popen(
+            ["bash", "-c", f"{move}LISTEN_PID=$$ LISTEN_FDS=1 exec nbdkit -f memory size=32M"],
+            pass_fds=(fd,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        end = time.monotonic() + 10
-        while time.monotonic() < end:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.02)
-        yield uri
+        yield f"nbd://127.0.0.1:{port}/"
     finally:
         proc.terminate()
         proc.wait(10)
