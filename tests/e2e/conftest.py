@@ -7,6 +7,7 @@ which names every socket: tests run in parallel under xdist without sharing anyt
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 from pathlib import Path
@@ -22,6 +23,14 @@ TEST_DEFAULTS: dict[str, Any] = dict(
     giveback_delay_s=-1.0, cp_interval_s=5.0,
     nbd_port=0,  # any free port: parallel clusters never collide on 127.0.10.N:10809
 )
+
+
+def private_nbd_base() -> str:
+    """A loopback block of the cluster's own for its NBD addresses (base + N). A free port is
+    only free when it is picked: while an identity moves (takeover, giveback) nobody listens
+    on its address, and another cluster on the same addresses could pick and take that port.
+    On addresses of its own no other cluster, of this run or another, can."""
+    return f"127.{random.randint(64, 254)}.{random.randint(0, 255)}.0"
 
 
 def alive(pid: int) -> bool:
@@ -136,7 +145,7 @@ def make_cluster(tmp_path):
     pids: set[int] = set()
 
     def make(nodes: int = 2, **config: Any) -> Cluster:
-        cfg = dict(TEST_DEFAULTS, **config)
+        cfg = dict(TEST_DEFAULTS, nbd_addr_base=private_nbd_base(), **config)
         c = Cluster(nodes=nodes, data_dir=tmp_path / f"cluster{len(started)}", **cfg)
         started.append(c)
         c.start(timeout=240)

@@ -59,6 +59,7 @@ def test_readme_story_on_the_command_line(tmp_path):
         assert_one_line_error(vmemu(d, "crash", "node7"), "unknown node")
         st = json.loads(vmemu(d, "status", "--json", check=True).stdout)
         assert [n["state"] for n in st["nodes"]] == ["serving", "serving"]
+        assert [n["nbd"]["address"] for n in st["nodes"]] == ["127.0.10.1", "127.0.10.2"]  # default
         journal = tmp_path / "w.jsonl"
         load = subprocess.Popen([sys.executable, "-m", "vmemu.cli", "load", "--target", "node1",
                                  "--duration", "3s", "--size", "4M", "--journal", str(journal), "--json"],

@@ -1,13 +1,14 @@
 """Real NBD clients against a live cluster: nbdinfo, libnbd (python3-libnbd), qemu-img, fio.
 
 Every cluster comes from make_cluster with nbd_port=0 (the hypervisor picks a free port and
-writes it into cluster.json), so parallel tests never share 127.0.10.N:port. A test whose
-client binary is missing is skipped, saying which.
+writes it into cluster.json) on a loopback block of its own, so parallel tests never share an
+NBD address and port. A test whose client binary is missing is skipped, saying which.
 """
 
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import os
 import re
@@ -77,8 +78,8 @@ def test_status_and_lun_list_name_every_uri(cluster):
     cfg = c.control.config
     st = c.status()
     for n in (1, 2):
-        host, port = nbd_address(cfg, n)
-        assert host == f"127.0.10.{n}"
+        host, port = nbd_address(cfg, n)  # base + N (the default base: test_cli's story)
+        assert host == str(ipaddress.IPv4Address(cfg.nbd_addr_base) + n)
         assert st.node(f"node{n}")["nbd"] == {"address": host, "port": port,
                                               "uris": [uri(c, n, 0), uri(c, n, 1)]}
     p = vmemu_cli(c, "lun", "list", "--json")
