@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from tests.e2e.conftest import wait_until
 from vmemu.cluster import Control, wait_for
 
 
@@ -66,10 +67,8 @@ def test_readme_story_on_the_command_line(tmp_path):
                                 env=dict(os.environ, VMEMU_DATA_DIR=str(d)), stdout=subprocess.PIPE,
                                 text=True)
         # Crash once the load has acknowledged something (poll the journal, no sleeping).
-        import time
-        end = time.monotonic() + 30
-        while time.monotonic() < end and (not journal.exists() or '"a"' not in journal.read_text()):
-            time.sleep(0.02)
+        wait_until(lambda: journal.exists() and '"a"' in journal.read_text(), 30,
+                   "the load's first acknowledged write in its journal")
         vmemu(d, "crash", "node1", check=True)
         out, _ = load.communicate(timeout=120)
         summary = json.loads(out)
