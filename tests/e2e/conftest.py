@@ -70,29 +70,42 @@ def events_when(c: Cluster, pred: Callable[[list[dict[str, Any]]], bool],
 
 
 class LoadRun:
-    """`run_load` in a daemon thread. finish() returns its summary, re-raises its error, and
-    fails (rather than waiting for ever, or a KeyError) if the load is still running; a test
-    that fails before finish() leaves no thread that could keep the worker from exiting."""
+    """`run_load` in a daemon thread, running for at least its duration and until finish():
+    a test that waits for a crash and a takeover under load never finds the load already over
+    on a slow host. finish() returns its summary, re-raises its error, and fails (rather than
+    waiting for ever, or a KeyError) if the load is still running at the deadline."""
+
+    started: list["LoadRun"] = []  # released after each test (release_loads), failed or not
 
     def __init__(self, endpoint: str, spec: LoadSpec, journal: Path | None,
                  target: str = "node1") -> None:
         self.out: dict[str, Any] = {}
+        self.until = threading.Event()
 
         def body() -> None:
             try:
-                self.out["summary"] = run_load(endpoint, spec, journal, target)
+                self.out["summary"] = run_load(endpoint, spec, journal, target, until=self.until)
             except BaseException as exc:  # reported by finish(), not lost in the thread
                 self.out["error"] = exc
 
         self.thread = threading.Thread(target=body, name="e2e-load", daemon=True)
+        LoadRun.started.append(self)
         self.thread.start()
 
     def finish(self, timeout: float = 90.0) -> dict[str, Any]:
+        self.until.set()
         self.thread.join(timeout)
         assert not self.thread.is_alive(), f"the load did not finish within {timeout}s"
         if "error" in self.out:
             raise self.out["error"]
         return self.out["summary"]
+
+
+@pytest.fixture(autouse=True)
+def release_loads():
+    yield
+    while LoadRun.started:
+        LoadRun.started.pop().until.set()  # its thread ends once its last requests do
 
 
 def processes_under(root: Path) -> dict[int, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,19 @@ def test_nbd_client_reads_back_and_reports_size(nbdkit_uri):
         assert c.info()["luns"][0]["size"] == 32 << 20
         c.write(0, 8192, b"\x5a" * 4096)
         assert c.read(0, 8192, 4096) == b"\x5a" * 4096
+
+
+def test_a_held_load_runs_past_its_duration_until_released(nbdkit_uri):
+    until = threading.Event()
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.update(summary=run_load(
+        nbdkit_uri, LoadSpec(duration=0.2, iodepth=4), None, nbdkit_uri, until=until)), daemon=True)
+    t.start()
+    try:
+        t.join(1.5)  # over seven times its duration
+        assert t.is_alive(), "the load ended at its duration although it was held"
+    finally:
+        until.set()
+    t.join(30)
+    assert not t.is_alive(), "the load did not end once released"
+    assert box["summary"]["runtime_s"] > 1.0 and box["summary"]["errors"] == 0
