@@ -25,6 +25,12 @@ TEST_DEFAULTS: dict[str, Any] = dict(
 )
 
 
+# How long a restarted domain may take to register: a fresh interpreter that loads numpy,
+# numba and its cached kernels, on two cores that other tests (and other suites) share. A
+# deadline costs nothing when the wait succeeds: this one is for the slowest honest host.
+BOOT_S = 120.0
+
+
 def private_nbd_base() -> str:
     """A loopback block of the cluster's own for its NBD addresses (base + N). A free port is
     only free when it is picked: while an identity moves (takeover, giveback) nobody listens

@@ -8,7 +8,7 @@ import pytest
 
 from clients.load import LoadSpec
 from clients.verify import verify
-from tests.e2e.conftest import LoadRun, events_when, served_by, wait_until
+from tests.e2e.conftest import BOOT_S, LoadRun, events_when, served_by, wait_until
 
 
 def load_in_thread(endpoint: str, journal: Path, seconds: float) -> LoadRun:
@@ -91,7 +91,7 @@ def test_giveback_returns_identity_and_every_write(make_cluster):
         for i in range(32, 48):
             b.write(1, i * 8192, bytes([i + 1]) * 8192)
     c.restart("node1")
-    c.wait_for(lambda s: s.node("node1")["state"] == "up", 30, "node1 to boot")
+    c.wait_for(lambda s: s.node("node1")["state"] == "up", BOOT_S, "node1 to boot")
     assert served_by(c, "node1") == "node2"  # manual giveback in this test
     c.giveback("node1")
     c.wait_for(lambda s: s.node("node1")["identity_served_by"] == "node1", 20, "giveback")
@@ -107,7 +107,7 @@ def test_automatic_giveback_after_the_configured_delay(make_cluster):
     c.crash("node2")
     c.wait_for(lambda s: s.node("node2")["identity_served_by"] == "node1", 20, "takeover")
     c.restart("node2")
-    c.wait_for(lambda s: s.node("node2")["identity_served_by"] == "node2", 30, "automatic giveback")
+    c.wait_for(lambda s: s.node("node2")["identity_served_by"] == "node2", BOOT_S, "automatic giveback")
 
 
 @pytest.mark.parametrize("ha_mode", ["shm", "mirror", "none"])

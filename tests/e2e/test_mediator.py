@@ -10,7 +10,7 @@ import signal
 import pytest
 
 from clients.verify import verify
-from tests.e2e.conftest import alive, events_when, served_by, wait_until
+from tests.e2e.conftest import BOOT_S, alive, events_when, served_by, wait_until
 from tests.e2e.test_failover import load_in_thread, wait_ops
 
 
@@ -102,7 +102,7 @@ def test_kill9_under_load_then_restart_and_giveback(make_cluster, tmp_path, ha_m
 
     # The restarted node1 gets a NEW region from the mediator; then giveback.
     c.restart("node1")
-    c.wait_for(lambda s: s.node("node1")["state"] == "up", 30, "node1 to boot")
+    c.wait_for(lambda s: s.node("node1")["state"] == "up", BOOT_S, "node1 to boot")
     second = c.status().node("node1")["region"]
     assert second and second != first
     assert any(e["region"] == second and e["owner"] == "node1" for e in allocated(c))
@@ -139,7 +139,7 @@ def test_mediator_death_keeps_regions_and_a_new_mediator_serves_restarts(make_cl
         b.write(0, 32 * 4096, b"\xaa" * 4096)
     # node1's next incarnation gets its region from the new mediator.
     c.restart("node1")
-    c.wait_for(lambda s: s.node("node1")["state"] == "up", 30, "node1 to boot")
+    c.wait_for(lambda s: s.node("node1")["state"] == "up", BOOT_S, "node1 to boot")
     region = c.status().node("node1")["region"]
     ev = next(e for e in allocated(c) if e["region"] == region)
     assert ev["owner"] == "node1" and ev["mediator_pid"] == new["pid"]

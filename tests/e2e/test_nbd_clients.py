@@ -24,7 +24,7 @@ from typing import Callable
 import pytest
 
 from domains import nbd_proto as P
-from tests.e2e.conftest import served_by
+from tests.e2e.conftest import BOOT_S, served_by
 from tests.unit.test_nbd_proto import info_data, opt, req
 from tests.unit.test_nbd_server import Client
 from vmemu.config import nbd_address, nbd_uri
@@ -205,7 +205,7 @@ def test_qemu_img_copy_survives_takeover_and_giveback(cluster, tmp_path):
     c.wait_for(lambda s: s.node("node1")["identity_served_by"] == "node2", 30, "node2 to take over")
     compare()  # the SAME URI: node2 now listens on node1's address
     c.restart("node1")
-    c.wait_for(lambda s: s.node("node1")["state"] == "up", 60, "node1 to boot")
+    c.wait_for(lambda s: s.node("node1")["state"] == "up", BOOT_S, "node1 to boot")
     c.giveback("node1")
     c.wait_for(lambda s: s.node("node1")["identity_served_by"] == "node1", 60, "giveback")
     compare()

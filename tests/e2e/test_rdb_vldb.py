@@ -8,7 +8,7 @@ import subprocess
 import sys
 import os
 
-from tests.e2e.conftest import wait_until
+from tests.e2e.conftest import BOOT_S, wait_until
 
 MiB = 1 << 20
 BLOCK = 4096
@@ -84,7 +84,7 @@ def test_management_works_with_a_node_down_and_the_replica_catches_up(make_clust
     assert replica_volumes(c, "node1") == {"a1": "node1", "b2": "node2"}
     assert replica_volumes(c, "node2") == {"a1": "node1"}  # down: behind
     c.restart("node2")
-    c.wait_for(lambda s: s.node("node2")["state"] in ("up", "serving"), 60, "node2 to boot")
+    c.wait_for(lambda s: s.node("node2")["state"] in ("up", "serving"), BOOT_S, "node2 to boot")
     wait_until(lambda: replica_volumes(c, "node2") == {"a1": "node1", "b2": "node2"}, 30,
                "node2's replica to catch up")
     # The replica's file holds the entries before the driver hears the apply's reply and marks
