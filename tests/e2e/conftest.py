@@ -1,7 +1,21 @@
 """Fixtures that start real clusters (real processes, memfds, ZeroMQ sockets, disk files).
 
-Each cluster gets its own data dir under the test's tmp_path and its own random cluster id,
-which names every socket: tests run in parallel under xdist without sharing anything.
+Each cluster gets its own data dir under the test's tmp_path, its own random cluster id, which
+names every socket, and its own loopback block for NBD: tests run in parallel under xdist
+without sharing anything. Whatever a test starts is gone after it (no_process_left).
+
+What settles after the call that caused it, and so is polled for (c.wait_for, wait_until,
+events_when), never read once:
+- `status` figures that ride on heartbeats (ops, storage: volumes, LUNs, RAID state, dirty
+  blocks, CP counts), every 50-100 ms;
+- a guest's own events (cp, RAID and scrub events, mapped, first_request_served and the
+  takeover_complete it brings), sent apart from the reply or heartbeat that told of them;
+- the RDB driver's view of a replica (caught_up, last_seq), set when its reply is read;
+- anything after a CLI command that returns before it happens (crash, disk replace).
+Events Domain 0 logs itself before it changes the state that was polled (failure_detected,
+fenced, partner_alerted, replay_done, identity_assumed before identity_served_by moves;
+giveback_started and released before the identity goes back) may be read at once.
+A load that must span a crash is a LoadRun: it runs until finish(), however slow the host.
 """
 
 from __future__ import annotations
