@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,7 +107,11 @@ class Timeline:
 
 def run_load(endpoint: str, spec: LoadSpec, journal: Path | None = None, target: str = "",
              progress: Callable[[dict[str, Any]], None] | None = None,
-             timeline: Path | None = None) -> dict[str, Any]:
+             timeline: Path | None = None,
+             until: threading.Event | None = None) -> dict[str, Any]:
+    """Run `spec` against `endpoint`; its summary. With `until`, the load also goes on past its
+    duration until that event is set: for a caller that needs it running until something it
+    waits for has happened (a crash and a takeover), however slow the host."""
     rng = random.Random(spec.seed)
     with open_client(endpoint) as client:
         info = client.info()
@@ -178,7 +183,7 @@ def run_load(endpoint: str, spec: LoadSpec, journal: Path | None = None, target:
                         jw.acked(c.req_id)
                 else:
                     errors.append(c.error.message if c.error else "error")
-                if time.monotonic() < end:
+                if time.monotonic() < end or (until is not None and not until.is_set()):
                     issue()
             now = time.monotonic()
             if progress and now - last_progress >= 0.5:

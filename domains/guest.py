@@ -375,7 +375,6 @@ class Guest:
         # the default 5 ms, so a write arriving during a CP is not held up behind it.
         sys.setswitchinterval(0.001)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; Dom0 decides
-        self.monitor.start()
         self.bg_busy = False
         while not self.stop:
             now = time.monotonic()
@@ -501,6 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     nvlog_check.warm()  # the corrupt-region path too: never a compile inside a takeover
     aggregate.warm()  # the file system's kernels too: a cold compile starves the heartbeat
     guest = Guest(Path(args.data_dir), args.node)
+    # Beating before registering: Domain 0 counts silence from the registration on, and the
+    # grants round trip and partner mappings that follow it could eat that grace period on a
+    # busy host (beats before it are ignored: nobody is watching this incarnation yet).
+    guest.monitor.start()
     guest.register()
     try:
         guest.run()

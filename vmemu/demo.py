@@ -73,15 +73,20 @@ def _find(c: Cluster, kind: str, after: float = 0.0, timeout: float = 20.0,
 
 
 class LoadThread:
+    """The client load: at least `seconds` long, and on until join(), so that it is still
+    running when the crash comes and the takeover's first request is served, however slow the
+    host (a fixed length ran out before the crash on a busy one)."""
+
     def __init__(self, c: Cluster, target: str, journal: Path, seconds: float) -> None:
         self.summary: dict[str, Any] = {}
         self.error: BaseException | None = None
+        self.until = threading.Event()
         spec = LoadSpec(workload="randwrite", bs=4096, iodepth=16, duration=seconds, size=16 << 20)
         endpoint = c.endpoint(target)
 
         def body() -> None:
             try:
-                self.summary = run_load(endpoint, spec, journal, target)
+                self.summary = run_load(endpoint, spec, journal, target, until=self.until)
             except BaseException as exc:  # reported by the narrator, not swallowed
                 self.error = exc
 
@@ -89,6 +94,7 @@ class LoadThread:
         self.thread.start()
 
     def join(self) -> dict[str, Any]:
+        self.until.set()
         self.thread.join()
         if self.error is not None:
             raise self.error
@@ -113,6 +119,7 @@ def run_demo(scenario: str, data_dir: Path | None = None, fast: bool = False, sp
                giveback_delay_s=0.5 * speed, disk_mb=64, nvram_mb=32,
                nbd_port=0)  # NBD on any free port: a demo must not collide with a running cluster
     load_s = (3.0 if fast else 8.0) * max(speed, 1.0)
+    load: LoadThread | None = None
     try:
         with Cluster(**cfg) as c:  # type: ignore[arg-type]
             _boot(n, c, scenario)
@@ -136,6 +143,8 @@ def run_demo(scenario: str, data_dir: Path | None = None, fast: bool = False, sp
             if plot is not None:
                 _plot(n, c, plot)
     finally:
+        if load is not None:
+            load.until.set()  # a step failed: let the load end with the cluster
         if own_dir:
             shutil.rmtree(d, ignore_errors=True)
     return n.lines

@@ -9,6 +9,9 @@ import sys
 
 import pytest
 
+from tests.e2e.conftest import wait_until
+from vmemu.cluster import Control, wait_for
+
 
 def vmemu(data_dir, *args, check=False, timeout=120):
     env = dict(os.environ, VMEMU_DATA_DIR=str(data_dir))
@@ -17,6 +20,14 @@ def vmemu(data_dir, *args, check=False, timeout=120):
     if check:
         assert p.returncode == 0, p.stderr + p.stdout
     return p
+
+
+def wait_cluster(data_dir, pred, what, timeout=30.0):
+    ctl = Control(data_dir)
+    try:
+        wait_for(ctl, pred, timeout, what)
+    finally:
+        ctl.close()
 
 
 def assert_one_line_error(p, needle):
@@ -49,21 +60,23 @@ def test_readme_story_on_the_command_line(tmp_path):
         assert_one_line_error(vmemu(d, "crash", "node7"), "unknown node")
         st = json.loads(vmemu(d, "status", "--json", check=True).stdout)
         assert [n["state"] for n in st["nodes"]] == ["serving", "serving"]
+        assert [n["nbd"]["address"] for n in st["nodes"]] == ["127.0.10.1", "127.0.10.2"]  # default
         journal = tmp_path / "w.jsonl"
         load = subprocess.Popen([sys.executable, "-m", "vmemu.cli", "load", "--target", "node1",
                                  "--duration", "3s", "--size", "4M", "--journal", str(journal), "--json"],
                                 env=dict(os.environ, VMEMU_DATA_DIR=str(d)), stdout=subprocess.PIPE,
                                 text=True)
         # Crash once the load has acknowledged something (poll the journal, no sleeping).
-        import time
-        end = time.monotonic() + 30
-        while time.monotonic() < end and (not journal.exists() or '"a"' not in journal.read_text()):
-            time.sleep(0.02)
+        wait_until(lambda: journal.exists() and '"a"' in journal.read_text(), 30,
+                   "the load's first acknowledged write in its journal")
         vmemu(d, "crash", "node1", check=True)
         out, _ = load.communicate(timeout=120)
         summary = json.loads(out)
         assert summary["version"] == 1 and summary["errors"] == 0 and summary["write"]["ops"] > 0
         assert "p99" in summary["write"]["clat_us"]
+        # The load may have ended before the takeover did (the crash is a process of its own,
+        # slow to start on a busy host): wait for it, then ask the CLI.
+        wait_cluster(d, lambda s: s.node("node1")["identity_served_by"] == "node2", "takeover")
         st = json.loads(vmemu(d, "status", "--json", check=True).stdout)
         n1 = st["nodes"][0]
         assert n1["state"] == "down" and n1["identity_served_by"] == "node2"

@@ -21,12 +21,12 @@ import pytest
 
 from clients.load import LoadSpec, run_load
 from clients.verify import verify
-from tests.e2e.conftest import TEST_DEFAULTS, alive, wait_until
+from tests.e2e.conftest import TEST_DEFAULTS, alive, private_nbd_base, wait_until
 from vmemu.cluster import Cluster
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
-CONFIG = dict(TEST_DEFAULTS, disks=2, disk_mb=64, nvram_mb=16, lun_mb=16, cp_interval_s=1.0)
+CONFIG = dict(TEST_DEFAULTS, nbd_addr_base=private_nbd_base(), disks=2, disk_mb=64, nvram_mb=16, lun_mb=16, cp_interval_s=1.0)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import pytest
 import zmq
 
 from clients.block import BlockClient
+from tests.e2e.conftest import BOOT_S
 from vmemu import datadir
 from vmemu.bus import codec
 from vmemu.errors import BadRequest, NotGranted, OutOfRange, UnknownLun, UnknownNode
@@ -150,7 +151,7 @@ def test_exactly_once_across_takeover_and_giveback(make_cluster):
         c.wait_for(lambda s: s.node("node1")["identity_served_by"] == "node2", 20, "takeover")
         other.write(0, 8192, b"2" * 4096)
         c.restart("node1")
-        c.wait_for(lambda s: s.node("node1")["state"] == "up", 30, "node1 to boot")
+        c.wait_for(lambda s: s.node("node1")["state"] == "up", BOOT_S, "node1 to boot")
         c.giveback("node1")
         c.wait_for(lambda s: s.node("node1")["identity_served_by"] == "node1", 20, "giveback")
         retrier.submit("write", args, req_id=req)  # the retry arrives at the owner, after all that

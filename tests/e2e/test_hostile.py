@@ -21,7 +21,7 @@ import msgpack
 import pytest
 import zmq
 
-from tests.e2e.conftest import TEST_DEFAULTS, alive, wait_until
+from tests.e2e.conftest import TEST_DEFAULTS, alive, private_nbd_base, wait_until
 from vmemu import datadir
 from vmemu.bus import codec
 from vmemu.cluster import Cluster
@@ -35,7 +35,7 @@ def cluster() -> Iterator[Cluster]:
     base = Path(f"/tmp/vmemu-hostile-{secrets.token_hex(4)}")
     base.mkdir(mode=0o711)
     os.chmod(base, 0o711)
-    c = Cluster(nodes=2, data_dir=base / "d", **TEST_DEFAULTS)
+    c = Cluster(nodes=2, data_dir=base / "d", nbd_addr_base=private_nbd_base(), **TEST_DEFAULTS)
     pids: set[int] = set()
     try:
         c.start(timeout=240)

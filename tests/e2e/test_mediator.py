@@ -10,8 +10,8 @@ import signal
 import pytest
 
 from clients.verify import verify
-from tests.e2e.conftest import alive, served_by, wait_until
-from tests.e2e.test_failover import run_load_in_thread, wait_ops
+from tests.e2e.conftest import BOOT_S, alive, events_when, served_by, wait_until
+from tests.e2e.test_failover import load_in_thread, wait_ops
 
 
 def mediator_of(c) -> dict:  # type: ignore[no-untyped-def]
@@ -78,12 +78,11 @@ def test_kill9_under_load_then_restart_and_giveback(make_cluster, tmp_path, ha_m
     c.wait_for(lambda s: all(n["takeover_possible"] for n in s.nodes), 20, "partners ready")
     first = c.status().node("node1")["region"]
     journal = tmp_path / "w.jsonl"
-    t, out = run_load_in_thread(c.endpoint("node1"), journal, 4.0)
+    load = load_in_thread(c.endpoint("node1"), journal, 4.0)
     wait_ops(c, "node1", 2000, timeout=60)
     c.crash("node1")
     c.wait_for(lambda s: s.node("node1")["identity_served_by"] == "node2", 20, "takeover by node2")
-    t.join(60)
-    summary = out["summary"]
+    summary = load.finish(60)
     assert summary["errors"] == 0 and summary["reconnects"] >= 1
     res = verify(c.endpoint("node1"), journal)
     assert res["passed"], res["problems"]
@@ -95,12 +94,15 @@ def test_kill9_under_load_then_restart_and_giveback(make_cluster, tmp_path, ha_m
     assert replay["scanned"] > 0
     assert replay["from_mirror_copy"] == (1 if ha_mode == "mirror" else 0)
     if ha_mode == "shm":
-        mapped = [e for e in c.events() if e["kind"] == "mapped" and e["node"] == "node2"]
-        assert any(e["region"] == first and e["mode"] == "ro" for e in mapped)
+        def mapped_ro(evs: list[dict]) -> bool:  # node2's own report, sent when it mapped
+            return any(e["kind"] == "mapped" and e["node"] == "node2" and e["region"] == first
+                       and e["mode"] == "ro" for e in evs)
+
+        assert mapped_ro(events_when(c, mapped_ro))
 
     # The restarted node1 gets a NEW region from the mediator; then giveback.
     c.restart("node1")
-    c.wait_for(lambda s: s.node("node1")["state"] == "up", 30, "node1 to boot")
+    c.wait_for(lambda s: s.node("node1")["state"] == "up", BOOT_S, "node1 to boot")
     second = c.status().node("node1")["region"]
     assert second and second != first
     assert any(e["region"] == second and e["owner"] == "node1" for e in allocated(c))
@@ -137,7 +139,7 @@ def test_mediator_death_keeps_regions_and_a_new_mediator_serves_restarts(make_cl
         b.write(0, 32 * 4096, b"\xaa" * 4096)
     # node1's next incarnation gets its region from the new mediator.
     c.restart("node1")
-    c.wait_for(lambda s: s.node("node1")["state"] == "up", 30, "node1 to boot")
+    c.wait_for(lambda s: s.node("node1")["state"] == "up", BOOT_S, "node1 to boot")
     region = c.status().node("node1")["region"]
     ev = next(e for e in allocated(c) if e["region"] == region)
     assert ev["owner"] == "node1" and ev["mediator_pid"] == new["pid"]

@@ -1,13 +1,14 @@
 """Real NBD clients against a live cluster: nbdinfo, libnbd (python3-libnbd), qemu-img, fio.
 
 Every cluster comes from make_cluster with nbd_port=0 (the hypervisor picks a free port and
-writes it into cluster.json), so parallel tests never share 127.0.10.N:port. A test whose
-client binary is missing is skipped, saying which.
+writes it into cluster.json) on a loopback block of its own, so parallel tests never share an
+NBD address and port. A test whose client binary is missing is skipped, saying which.
 """
 
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import os
 import re
@@ -17,13 +18,13 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 from domains import nbd_proto as P
-from tests.e2e.conftest import served_by
+from tests.e2e.conftest import BOOT_S, served_by
 from tests.unit.test_nbd_proto import info_data, opt, req
 from tests.unit.test_nbd_server import Client
 from vmemu.config import nbd_address, nbd_uri
@@ -77,8 +78,8 @@ def test_status_and_lun_list_name_every_uri(cluster):
     cfg = c.control.config
     st = c.status()
     for n in (1, 2):
-        host, port = nbd_address(cfg, n)
-        assert host == f"127.0.10.{n}"
+        host, port = nbd_address(cfg, n)  # base + N (the default base: test_cli's story)
+        assert host == str(ipaddress.IPv4Address(cfg.nbd_addr_base) + n)
         assert st.node(f"node{n}")["nbd"] == {"address": host, "port": port,
                                               "uris": [uri(c, n, 0), uri(c, n, 1)]}
     p = vmemu_cli(c, "lun", "list", "--json")
@@ -204,7 +205,7 @@ def test_qemu_img_copy_survives_takeover_and_giveback(cluster, tmp_path):
     c.wait_for(lambda s: s.node("node1")["identity_served_by"] == "node2", 30, "node2 to take over")
     compare()  # the SAME URI: node2 now listens on node1's address
     c.restart("node1")
-    c.wait_for(lambda s: s.node("node1")["state"] == "up", 60, "node1 to boot")
+    c.wait_for(lambda s: s.node("node1")["state"] == "up", BOOT_S, "node1 to boot")
     c.giveback("node1")
     c.wait_for(lambda s: s.node("node1")["identity_served_by"] == "node1", 60, "giveback")
     compare()
@@ -229,20 +230,19 @@ def _capped(proc: subprocess.Popen, limit: int = 64 << 10) -> dict[str, bytes]:
 
 
 def _run_fio(args: list[str], cwd: Path, timeout: float,
-             during: tuple[float, object] | None = None) -> tuple[int, str]:
+             during: Callable[[], None] | None = None) -> tuple[int, str]:
     proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = _capped(proc)
     try:
         if during is not None:
-            delay, action = during
-            time.sleep(delay)
-            action()  # type: ignore[operator]
+            during()
         rc = proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise AssertionError(f"fio did not finish within {timeout}s: {' '.join(args)}")
+        raise AssertionError(f"fio did not finish within {timeout}s: {' '.join(args)}") from None
     finally:
+        if proc.poll() is None:  # timed out, or `during` failed: fio must not outlive the test
+            proc.kill()
+            proc.wait()
         for t in out["threads"]:  # type: ignore[union-attr]
             t.join(5)
     return rc, (out["stdout"] + out["stderr"]).decode(errors="replace")  # type: ignore[operator]
@@ -274,12 +274,19 @@ def test_fio_verify_after_the_owner_crashes_mid_run(make_cluster, tmp_path):
     fio = need("fio")
     c = make_cluster(nodes=2, nbd_port=0, disk_mb=512, raid="none")  # 512M LUNs: the flat path
     target = uri(c, 1, 0)
+
+    def crash_after_writes() -> None:
+        # Mid-run by what node1 has done, not by the clock: fio and the guests may start slowly
+        # on a busy host. 3000 writes logged: fio has seen at least 3000 - iodepth acknowledged.
+        c.wait_for(lambda s: (s.node("node1")["ops"] or 0) >= 3000, 60, "fio's writes on node1")
+        c.crash("node1")
+
     job = ["--name=vw", "--ioengine=nbd", f"--uri={target}", "--rw=randwrite", "--bs=4k",
            "--iodepth=16", "--size=512M", "--verify=crc32c", "--randseed=4242"]
     rc, text = _run_fio([fio, *job, "--do_verify=0", "--verify_state_save=1",
                          "--write_lat_log=acked", "--log_offset=1", "--log_avg_msec=0",
                          "--output-format=json", "--output=write.json"], tmp_path, 120,
-                        during=(1.0, lambda: c.crash("node1")))
+                        during=crash_after_writes)
     assert rc != 0, f"the write pass ended before the crash (make the LUN bigger): {text[-2000:]}"
     acked_log = [l.split(",") for l in (tmp_path / "acked_clat.1.log").read_text().splitlines()]
     acked = {int(f[4]) for f in acked_log if f[2].strip() == "1"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,27 +17,21 @@ from clients.verify import verify
 pytestmark = pytest.mark.skipif(shutil.which("nbdkit") is None, reason="nbdkit is not installed")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def nbdkit_uri():
-    port = free_port()
-    proc = subprocess.Popen(["nbdkit", "-f", "-p", str(port), "-i", "127.0.0.1", "memory",
-                             "size=32M"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"nbd://127.0.0.1:{port}/"
+    """nbdkit's memory plugin on a socket this test already listens on, handed over by socket
+    activation (fd 3, LISTEN_PID, LISTEN_FDS, as systemd does it): no port is picked, freed
+    and bound again, which another test could take in between, and nothing to wait for."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port, fd = listener.getsockname()[1], listener.fileno()
+        move = "" if fd == 3 else f"exec 3<&{fd} {fd}<&-; "  # bash: any fd number
+        proc = subprocess.Popen(
+            ["bash", "-c", f"{move}LISTEN_PID=$$ LISTEN_FDS=1 exec nbdkit -f memory size=32M"],
+            pass_fds=(fd,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        end = time.monotonic() + 10
-        while time.monotonic() < end:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.02)
-        yield uri
+        yield f"nbd://127.0.0.1:{port}/"
     finally:
         proc.terminate()
         proc.wait(10)
@@ -102,3 +96,19 @@ def test_verify_fails_naming_the_block_damaged_behind_its_back(nbdkit_uri, tmp_p
     assert len(problems) == 1 and f"'offset': {off}" in problems[0], res.stdout
     word = {"lose": "1 lost", "corrupt": "1 corrupt", "revert": "1 lost"}[damage]
     assert word in res.stdout
+
+
+def test_a_held_load_runs_past_its_duration_until_released(nbdkit_uri):
+    until = threading.Event()
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.update(summary=run_load(
+        nbdkit_uri, LoadSpec(duration=0.2, iodepth=4), None, nbdkit_uri, until=until)), daemon=True)
+    t.start()
+    try:
+        t.join(1.5)  # over seven times its duration
+        assert t.is_alive(), "the load ended at its duration although it was held"
+    finally:
+        until.set()
+    t.join(30)
+    assert not t.is_alive(), "the load did not end once released"
+    assert box["summary"]["runtime_s"] > 1.0 and box["summary"]["errors"] == 0

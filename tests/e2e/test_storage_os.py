@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
 import warnings
 from pathlib import Path
 
 import pytest
 
-from clients.load import LoadSpec, run_load
+from clients.load import LoadSpec
 from clients.verify import verify
-from tests.e2e.conftest import wait_until
+from tests.e2e.conftest import LoadRun, events_when, wait_until
 from tests.e2e.test_cli import assert_one_line_error, vmemu
 from vmemu.config import nbd_address
 from vmemu.errors import VmemuError
@@ -47,6 +46,14 @@ def raid_state(s, node: str = "node1") -> str | None:
     return (storage(s, node).get("raid") or {}).get("state")
 
 
+def raid_of(s, node: str = "node1") -> dict:
+    return storage(s, node).get("raid") or {}
+
+
+def kinds(evs: list[dict]) -> list[str]:
+    return [e["kind"] for e in evs]
+
+
 def raid(c, node: str = "node1") -> dict:
     """The RAID state in status (its figures ride on heartbeats: the first may still lack it)."""
     st = c.wait_for(lambda s: s.node(node)["storage"] is not None, 10, f"{node}'s storage in status")
@@ -63,27 +70,8 @@ def blk(tag: int, i: int) -> bytes:
     return (bytes([tag & 0xFF, i & 0xFF, (i >> 8) & 0xFF]) * (BLOCK // 3 + 1))[:BLOCK]
 
 
-def load_in_thread(endpoint: str, journal: Path, seconds: float, lun: int = 0):
-    out: dict = {}
-
-    def body() -> None:
-        try:
-            out["summary"] = run_load(endpoint, LoadSpec(duration=seconds, iodepth=16, size=8 * MiB,
-                                                         lun=lun), journal, "node1")
-        except BaseException as exc:  # reported by the test, not lost in the thread
-            out["error"] = exc
-
-    t = threading.Thread(target=body, daemon=True)
-    t.start()
-    return t, out
-
-
-def finish_load(t: threading.Thread, out: dict) -> dict:
-    t.join(90)
-    assert not t.is_alive(), "the load did not finish"
-    if "error" in out:
-        raise out["error"]
-    return out["summary"]
+def load_in_thread(endpoint: str, journal: Path, seconds: float, lun: int = 0) -> LoadRun:
+    return LoadRun(endpoint, LoadSpec(duration=seconds, iodepth=16, size=8 * MiB, lun=lun), journal)
 
 
 def wait_ops(c, node: str, at_least: int, timeout: float = 30) -> None:
@@ -126,6 +114,9 @@ def test_volume_lun_and_snapshot_lifecycle_with_bad_input_refused(make_cluster):
     assert v1["served_by"] == "node1" and v1["size"] == 16 * MiB and v1["snapshots"] == []
     assert v1["luns"] == [{"name": "data", "index": 2, "size": 8 * MiB}]
     assert {r["name"] for r in vols if r["owner"] == "node2"} == {"vol0"}  # nothing leaked
+    # `lun list` reads status, whose LUNs ride on heartbeats: wait for the new one there.
+    c.wait_for(lambda s: any(l[1] == "vol1/data" for l in storage(s, "node1").get("luns") or []),
+               10, "the new LUN in status")
     rows = cli_json(c, "lun", "list")
     row = next(r for r in rows if r["identity"] == "node1" and r["path"] == "vol1/data")
     assert row["lun"] == "lun2" and row["size"] == 8 * MiB and row["served_by"] == "node1"
@@ -232,14 +223,14 @@ def test_disk_failure_and_reconstruction_under_load(make_cluster, tmp_path):
     j1, j2 = tmp_path / "degraded.jsonl", tmp_path / "rebuild.jsonl"
 
     # Phase 1: a disk fails under load.
-    t, out = load_in_thread(ep, j1, 2.5, lun=0)
+    load = load_in_thread(ep, j1, 2.5, lun=0)
     wait_ops(c, "node1", 500)
     p = vmemu(c.dir, "disk", "fail", "node1", "d1", check=True)
     assert "degraded" in p.stdout
     st = c.wait_for(lambda s: raid_state(s) == "degraded", 10, "status to show node1 degraded")
     r = storage(st, "node1")["raid"]
     assert [x["state"] for x in r["disks"]] == ["ok", "failed", "ok"]
-    s1 = finish_load(t, out)
+    s1 = load.finish()
     assert s1["errors"] == 0 and s1["write"]["ops"] > 500
     vmemu(c.dir, "cp", "node1", check=True)  # everything through the degraded group to disk
     res = verify(ep, j1)
@@ -248,25 +239,27 @@ def test_disk_failure_and_reconstruction_under_load(make_cluster, tmp_path):
     assert_one_line_error(vmemu(c.dir, "disk", "fail", "node1", "d1"), "already failed")
 
     # Phase 2: the replacement is reconstructed in the background while the load goes on.
-    t, out = load_in_thread(ep, j2, 2.5, lun=1)
+    load = load_in_thread(ep, j2, 2.5, lun=1)
     wait_ops(c, "node1", s1["write"]["ops"] + 300)
     vmemu(c.dir, "disk", "replace", "node1", "d1", check=True)
+    s2 = load.finish()  # it ran into the reconstruction; it need not run to its end
+    assert s2["errors"] == 0 and s2["write"]["ops"] > 300
     st = c.wait_for(lambda s: raid_state(s) == "normal", 60,
                     "reconstruction of node1 d1")
     rb = st.node("node1")["storage"]["raid"]["rebuild"]
     assert rb["disk"] == "d1" and rb["done"] == rb["total"] > 0
-    s2 = finish_load(t, out)
-    assert s2["errors"] == 0 and s2["write"]["ops"] > 300
     for j in (j1, j2):
         res = verify(ep, j)
         assert res["passed"], (j.name, res["problems"])
 
-    done = [e for e in c.events() if e["kind"] == "reconstruction_done"]
+    # RAID events travel apart from the heartbeats that brought the state "normal".
+    evs = events_when(c, lambda evs: "reconstruction_done" in kinds(evs))
+    done = [e for e in evs if e["kind"] == "reconstruction_done"]
     assert len(done) == 1 and done[0]["disk"] == "d1" and done[0]["node"] == "node1"
     assert done[0]["rate_mbps"] > 0 and done[0]["total"] == rb["total"]
-    kinds = [e["kind"] for e in c.events()]
-    assert kinds.index("disk_failed") < kinds.index("reconstruction_started") < \
-        kinds.index("reconstruction_done")
+    order = kinds(evs)
+    assert order.index("disk_failed") < order.index("reconstruction_started") < \
+        order.index("reconstruction_done")
 
     vmemu(c.dir, "cp", "node1", check=True)
     res = cli_json(c, "fsck", "node1")
@@ -274,7 +267,9 @@ def test_disk_failure_and_reconstruction_under_load(make_cluster, tmp_path):
     p = vmemu(c.dir, "scrub", "node1", check=True, timeout=300)
     assert "unrecoverable []" in p.stdout and "checksum_errors 0" in p.stdout, p.stdout
     assert "parity_mismatches 0" in p.stdout, p.stdout
-    scrub = [e for e in c.events() if e["kind"] == "scrub_done"]
+    # `scrub` returned on the domain's scrub_status; its event comes on its own.
+    scrub = [e for e in events_when(c, lambda evs: "scrub_done" in kinds(evs))
+             if e["kind"] == "scrub_done"]
     assert scrub and scrub[-1]["checksum_errors"] == 0
     # With d1 rebuilt, losing d0 now must still leave every acknowledged write readable.
     manage(c, "disk_fail", node="node1", disk=0)
@@ -297,7 +292,8 @@ def test_a_second_disk_failure_takes_raid4_offline_and_nothing_returns_wrong_dat
                     "status to report node1 offline")
     assert [x["state"] for x in st.node("node1")["storage"]["raid"]["disks"]] == \
         ["failed", "failed", "ok"]
-    assert [e["raid"] for e in c.events() if e["kind"] == "disk_failed"] == ["degraded", "offline"]
+    evs = events_when(c, lambda evs: kinds(evs).count("disk_failed") >= 2)
+    assert [e["raid"] for e in evs if e["kind"] == "disk_failed"] == ["degraded", "offline"]
 
     # Reads fail rather than return garbage, and say why.
     failed = 0
@@ -378,11 +374,11 @@ def test_takeover_replays_onto_the_aggregate_and_double_failure_is_unavailable(m
         for i in range(16):
             b.write(2, i * BLOCK, blk(0x77, i))
     journal = tmp_path / "w.jsonl"
-    t, out = load_in_thread(c.endpoint("node1"), journal, 3.0)
+    load = load_in_thread(c.endpoint("node1"), journal, 3.0)
     wait_ops(c, "node1", 1500)
     c.crash("node1")
     c.wait_for(lambda s: s.node("node1")["identity_served_by"] == "node2", 20, "takeover by node2")
-    summary = finish_load(t, out)
+    summary = load.finish()
     assert summary["errors"] == 0 and summary["reconnects"] >= 1
     res = verify(c.endpoint("node1"), journal)
     assert res["passed"], res["problems"]
@@ -448,9 +444,13 @@ def test_silent_corruption_is_repaired_from_raid_and_reported(make_cluster):
     with c.client("node1") as b:
         for i in range(64):
             assert b.read(0, i * BLOCK, BLOCK) == blk(0x5C, i), f"block {i}"
-    c.wait_for(lambda s: (raid(c).get("read_errors") or {}).get("repaired", 0) > 0, 10,
+    c.wait_for(lambda s: (raid_of(s).get("read_errors") or {}).get("repaired", 0) > 0, 10,
                "the repairs in status")
-    assert any(e["kind"] == "read_errors" and e.get("repaired", 0) > 0 for e in c.events())
+
+    def repaired(evs: list[dict]) -> bool:
+        return any(e["kind"] == "read_errors" and e.get("repaired", 0) > 0 for e in evs)
+
+    assert repaired(events_when(c, repaired))
     rep = cli_json(c, "fsck", "node1")  # everything the file system reaches verifies again
     assert rep["ok"], rep["errors"]
     p = vmemu(c.dir, "scrub", "node1", check=True)

@@ -6,31 +6,20 @@ import os
 import re
 import subprocess
 import sys
-import threading
 
-from clients.load import LoadSpec, run_load
-from tests.e2e.conftest import wait_until
+from clients.load import LoadSpec
+from tests.e2e.conftest import LoadRun, wait_until
 
 
 def test_timeline_of_a_takeover_under_load(make_cluster, tmp_path):
     c = make_cluster(nodes=2)
-    out: dict = {}
-
-    def load() -> None:
-        out["summary"] = run_load(c.endpoint("node1"), LoadSpec(duration=3.0, iodepth=8, size=4 << 20),
-                                  None, "node1")
-
-    t = threading.Thread(target=load)
-    t.start()
-    try:
-        wait_until(lambda: (c.status().node("node1")["ops"] or 0) >= 500, 30, "load on node1")
-        c.crash("node1")
-        c.wait_for(lambda s: s.node("node1")["identity_served_by"] == "node2", 30, "takeover by node2")
-        wait_until(lambda: any(e["kind"] == "takeover_complete" for e in c.events()), 30,
-                   "the takeover's first answered request")
-    finally:
-        t.join(60)
-    assert out["summary"]["errors"] == 0
+    load = LoadRun(c.endpoint("node1"), LoadSpec(duration=3.0, iodepth=8, size=4 << 20), None)
+    wait_until(lambda: (c.status().node("node1")["ops"] or 0) >= 500, 30, "load on node1")
+    c.crash("node1")
+    c.wait_for(lambda s: s.node("node1")["identity_served_by"] == "node2", 30, "takeover by node2")
+    wait_until(lambda: any(e["kind"] == "takeover_complete" for e in c.events()), 30,
+               "the takeover's first answered request")
+    assert load.finish(60)["errors"] == 0
     c.stop()  # the picture is drawn from the data dir's files alone
 
     png = tmp_path / "out.png"

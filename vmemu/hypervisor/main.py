@@ -451,6 +451,19 @@ class Hypervisor:
             st["replay_done"] = round((res["replay_done"] - t["detected"]) * 1000, 3)
             st["identity_assumed"] = round((res["assumed"] - t["detected"]) * 1000, 3)
             t["replay"] = rep
+            self._takeover_complete(act.identity)
+
+    def _takeover_complete(self, identity: int) -> None:
+        """Log takeover_complete once both reports of the server are in: its assign reply and
+        its first request served. The server binds before it replies, and the two travel on
+        different sockets, so either may reach this loop first."""
+        t = self.takeovers.get(identity)
+        if t is None or "identity_assumed" not in t["stages"] or "first_request" not in t \
+                or "first_request_served" in t["stages"]:
+            return
+        t["stages"]["first_request_served"] = round((t["first_request"] - t["detected"]) * 1000, 3)
+        self.events.emit("takeover_complete", t["server"], identity=f"node{identity}",
+                         failed=t["failed"], stages_ms=t["stages"])
 
     def _release(self, act: fo.Release) -> None:
         def done(res: Any, err: VmemuError | None) -> None:
@@ -498,6 +511,8 @@ class Hypervisor:
         node = req.args.get("node")
         if isinstance(node, int) and self.broker.token_ok(node, req.args.get("token")):
             return True
+        if req.op == "heartbeat" and isinstance(node, int) and node not in self.broker.tokens:
+            return False  # a guest beats before it registers: nothing to prove yet, or count
         self.forged += 1
         held = self.throttle.allow("forged", time.monotonic())
         if held is not None:
@@ -735,10 +750,9 @@ class Hypervisor:
             t = self.takeovers.get(ident) if isinstance(ident, int) else None
             if mono is None:
                 mono = time.monotonic()
-            if t is not None and t.get("server") == f"node{node}" and "first_request_served" not in t["stages"]:
-                t["stages"]["first_request_served"] = round((mono - t["detected"]) * 1000, 3)
-                self.events.emit("takeover_complete", node, identity=f"node{ident}",
-                                 failed=t["failed"], stages_ms=t["stages"])
+            if t is not None and t.get("server") == f"node{node}" and "first_request" not in t:
+                t["first_request"] = float(mono)
+                self._takeover_complete(ident)
             self.events.emit("first_request_served", node, mono=mono, identity=f"node{ident}")
         else:
             self.events.emit(kind, node, mono=mono, **fields)
@@ -797,7 +811,7 @@ class Hypervisor:
         t = self.takeovers.get(identity)
         if t is None:
             return None
-        return {k: v for k, v in t.items() if k != "detected"}
+        return {k: v for k, v in t.items() if k not in ("detected", "first_request")}
 
     # -- shutdown ----------------------------------------------------------------------------
     def _begin_shutdown(self) -> None:
