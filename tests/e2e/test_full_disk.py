@@ -26,7 +26,8 @@ from vmemu.cluster import Cluster
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
-CONFIG = dict(TEST_DEFAULTS, nbd_addr_base=private_nbd_base(), disks=2, disk_mb=64, nvram_mb=16, lun_mb=16, cp_interval_s=1.0)
+CONFIG = dict(TEST_DEFAULTS, nbd_addr_base=private_nbd_base(), disks=2, disk_mb=64, nvram_mb=16,
+              lun_mb=16, cp_interval_s=1.0)
 
 
 @pytest.fixture
