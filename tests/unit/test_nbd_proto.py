@@ -200,7 +200,7 @@ def test_info_then_go_default_export():
     assert tflags & want == want and not tflags & P.TFLAG_READ_ONLY
     assert not tflags & P.TFLAG_SEND_DF  # only with structured replies
     assert infos[P.INFO_NAME] == b"lun1" and infos[P.INFO_DESCRIPTION] == b"second"
-    assert struct.unpack(">III", infos[P.INFO_BLOCK_SIZE]) == (512, 4096, 32 * MiB)
+    assert struct.unpack(">III", infos[P.INFO_BLOCK_SIZE]) == (512, 4096, MiB)
     assert not m.transmission
     # "" is the default export (lun0); GO without requests still gets EXPORT (and BLOCK_SIZE)
     send(m, w, opt(P.OPT_GO, info_data("", P.INFO_NAME)))
@@ -467,7 +467,7 @@ def drain(m: P.ServerProto, b: Backend) -> bytes:
         if ev.cmd != P.CMD_FLUSH:
             assert ev.offset + ev.length <= ev.export.size
         if ev.cmd in (P.CMD_READ, P.CMD_WRITE):
-            assert ev.length <= P.MAX_BLOCK
+            assert ev.length <= P.MAX_REQUEST
         b.serve(m, [ev])
     else:
         raise AssertionError("the machine kept producing events without input")
