@@ -1,0 +1,427 @@
+"""One NBD connection without its socket: protocol machine, request queue, memory accounting,
+and the mapping of requests onto D-module calls.
+
+The TCP transport (domains/nbd_server.py) and the byte-stream entry (domains/nbd_stream.py,
+what the fuzzers drive) both serve a connection through `Conn`, so what is fuzzed is what
+serves. The transport adds sockets, accept, timeouts and the per-turn budgets across
+connections; here is everything that happens to one connection's bytes.
+
+Requests -> D-module calls:
+- every D-module call stays within its limits (sector-aligned, at most 1 MiB): a longer
+  request is split into 1 MiB pieces, and an unaligned one read-modify-writes its first and
+  last sector, reading them in the same step that writes them back;
+- a write (WRITE, and TRIM / WRITE_ZEROES, which write zeros) is acknowledged only once every
+  piece of it returned from the D-module, i.e. is in the NVLog, NVRAM, which is stable
+  storage: so FUA needs nothing more, and FLUSH, taken in order after everything before it
+  on the connection, just checks the LUN;
+- NBD has no retry ids: writes go to the D-module with client id 0 (no exactly-once table).
+
+Memory. A connection's bytes are counted in two directions: `in_bytes` (received and not yet
+carried out: the machine's buffer and queued WRITE payloads) and `out_bytes` (replies not yet
+sent, and a multi-piece READ being assembled). During the handshake a connection holds at
+most `hs_in` in and `hs_out` plus one option's replies out, and is neither read nor decoded
+beyond that: a client that sends options and never reads its replies stops being read (then
+the transport's handshake timeout closes it). In transmission each connection has a reserve
+of `res_in` and `res_out` (one request of the advertised maximum block size each way, and
+some pipelining), so no connection is ever starved of memory by the others; beyond its
+reserve it draws on a `Pool` shared by all connections of the domain, up to `conn_max` a
+direction. Work that would need more waits: reading stops, a READ waits to start.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from domains import nbd_proto as P
+from storage.lun import MAX_IO, SECTOR
+from vmemu.errors import BadRequest, Fenced, OutOfRange, UnknownLun, VmemuError
+
+KiB = 1 << 10
+MiB = 1 << 20
+_ZEROS = bytes(MAX_IO)
+_PIECE_OVERHEAD = 64  # bytes charged per queued reply piece besides its data (object headers)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every bound of the NBD service; the transport takes one (tests shorten the timeouts)."""
+
+    max_conns: int = 64  # per domain; more are accepted and closed at once
+    max_handshakes: int = 16  # in the handshake at once; a new one evicts the oldest
+    handshake_timeout_s: float = 10.0  # to reach transmission; real clients take milliseconds
+    # Idle clients are legitimate: a VM's disk or a mounted file system may see no I/O for
+    # hours, and a dropped connection is an I/O error for clients that do not reconnect
+    # (qemu without reconnect-delay). An idle connection costs an fd and a few KiB, so only
+    # the connection cap makes it matter: time them out late.
+    idle_timeout_s: float = 3600.0
+    # A connection that holds buffers while its peer does neither send the rest of a request
+    # nor read its replies pins memory of the shared pool: that is no longer idle, cut sooner.
+    stall_timeout_s: float = 60.0
+    closing_grace_s: float = 10.0  # a closing connection whose peer does not read its last replies
+    hs_in: int = 32 * KiB  # handshake: buffered input (MAX_OPTION of option data fits)
+    hs_out: int = 32 * KiB  # handshake: queued replies before decoding stops
+    res_in: int = P.MAX_BLOCK + 64 * KiB  # transmission reserve, each connection
+    res_out: int = P.MAX_BLOCK + 64 * KiB
+    conn_max: int = 2 * P.MAX_REQUEST  # one direction of one connection, reserve and pool
+    shared: int = 64 * MiB  # the pool: one MAX_REQUEST in and one out at a time
+    max_jobs: int = 64  # decoded requests queued per connection
+    turn_decode: int = 256  # options and requests decoded per loop turn, all connections
+    turn_pieces: int = 512  # D-module calls per loop turn, all connections
+    turn_bytes: int = 8 * MiB  # bytes moved through the D-module per loop turn
+    recv_chunk: int = 256 * KiB
+    recv_per_turn: int = 4 * MiB  # one connection's reads in one loop turn
+    accept_per_turn: int = 32
+    accept_backoff_s: float = 0.1  # EMFILE and kin: the listener is not polled meanwhile
+
+    def bound(self) -> int:
+        """Bytes all connections of a domain may hold at once (the pool and every reserve)."""
+        handshake = self.hs_in + self.hs_out + P.MAX_LIST_REPLY + 8 * (P.MAX_STRING + 64)
+        per_conn = max(handshake, self.res_in + self.res_out + P.MAX_REPLY)
+        return self.max_conns * per_conn + self.shared
+
+
+class Pool:
+    """Bytes beyond the connections' reserves, shared by all connections of one domain."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.used = 0
+
+    def free(self) -> int:
+        return self.size - self.used
+
+
+@dataclass
+class Stats:
+    decoded: int = 0  # options and requests decoded
+    served: int = 0  # requests answered
+    errors: int = 0  # requests answered with an error
+    internal: int = 0  # exceptions caught at a connection's boundary (bugs)
+    refused: int = 0  # accepted and closed at once: at the connection cap
+    evicted: int = 0  # handshaking connections closed for a newer one
+    handshake_timeouts: int = 0
+    idle_timeouts: int = 0
+    stall_timeouts: int = 0
+    accept_backoffs: int = 0  # EMFILE/ENFILE/ENOBUFS/ENOMEM on accept
+
+
+def exports_of(d: Any, identity: int, node: int) -> tuple[list[P.Export], dict[str, int]]:
+    """The exports of one identity, and the LUN index each name stands for."""
+    served = d.served.get(identity)
+    luns = [] if served is None else served.luns
+    exports: list[P.Export] = []
+    lun_of: dict[str, int] = {}
+    for l in luns:
+        # Every LUN answers to "lunN"; a LUN in a volume also to its path ("vol0/lun0").
+        for name in dict.fromkeys((f"lun{l.index}", l.name)):
+            exports.append(P.Export(name, l.size, f"vmemu node{identity} {l.name}, "
+                                                  f"served by node{node}"))
+            lun_of[name] = l.index
+    return exports, lun_of
+
+
+class _Job:
+    __slots__ = ("req", "pos", "buf")
+
+    def __init__(self, req: P.Request) -> None:
+        self.req = req
+        self.pos = -1  # next (aligned) offset to do; -1: not started
+        self.buf: bytearray | None = None  # READ: the aligned range read so far
+
+
+class Conn:
+    """One connection's state and work; no sockets, no clocks but the `now` it is given."""
+
+    def __init__(self, proto: P.ServerProto, identity: int, lun_of: dict[str, int], dmodule: Any,
+                 limits: Limits, pool: Pool, stats: Stats, peer: Any = None, now: float = 0.0,
+                 on_request: Callable[[int], None] | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.proto = proto
+        self.identity = identity
+        self.lun_of = lun_of
+        self.d = dmodule
+        self.limits = limits
+        self.pool = pool
+        self.stats = stats
+        self.peer = peer
+        self.on_request = on_request
+        self.log = log or (lambda msg: None)
+        self.jobs: deque[_Job] = deque()
+        self.out: deque[memoryview] = deque()
+        self.out_queued = 0  # bytes in `out`, with _PIECE_OVERHEAD for each piece
+        self.queued_bytes = 0  # WRITE payload held by queued jobs
+        self.eof = False
+        self.closing: P.Close | None = None
+        self.closing_since = 0.0
+        self.dead = False
+        self.starved = False  # the machine needs more input before it can decode anything
+        self.excess = 0  # what this connection holds of the pool
+        self.created = now
+        self.last_io = now
+        self._queue_output()  # the greeting
+
+    # -- accounting ----------------------------------------------------------------------------
+    @property
+    def transmission(self) -> bool:
+        return self.proto.export is not None
+
+    def in_bytes(self) -> int:
+        return self.proto.buffered() + self.queued_bytes
+
+    def out_bytes(self) -> int:
+        head = self.jobs[0].buf if self.jobs else None
+        return self.out_queued + (len(head) if head is not None else 0)
+
+    def sync(self) -> None:
+        """Settle what this connection holds of the pool after its buffers changed."""
+        new = 0
+        if self.transmission and not self.dead:
+            lim = self.limits
+            new = max(0, self.in_bytes() - lim.res_in) + max(0, self.out_bytes() - lim.res_out)
+        self.pool.used += new - self.excess
+        self.excess = new
+
+    def _allowance(self, held: int, reserve: int) -> int:
+        """Bytes one direction may hold in transmission, given the pool's state now."""
+        mine = max(0, held - reserve)  # this direction's share of the pool already
+        return min(self.limits.conn_max, reserve + mine + self.pool.free())
+
+    def room_in(self) -> int:
+        """Bytes that may be received now (0: do not read this connection)."""
+        lim = self.limits
+        if self.eof or self.closing is not None or self.dead or len(self.jobs) >= lim.max_jobs:
+            return 0
+        held_in, held_out = self.in_bytes(), self.out_bytes()
+        if not self.transmission:
+            return 0 if held_out >= lim.hs_out else max(0, lim.hs_in - held_in)
+        if held_out > lim.res_out:
+            return 0  # the peer is behind on reading its replies: take no new requests
+        return max(0, self._allowance(held_in, lim.res_in) - held_in)
+
+    def _room_out(self, need: int) -> bool:
+        held = self.out_bytes()
+        if not self.transmission:
+            return held < self.limits.hs_out
+        return held + need <= self._allowance(held, self.limits.res_out)
+
+    def can_decode(self) -> bool:
+        return (self.closing is None and not self.starved and not self.dead
+                and len(self.jobs) < self.limits.max_jobs and self._room_out(P.MAX_REPLY))
+
+    def runnable(self) -> bool:
+        """Has work it has the memory for (its peer is reading the replies)."""
+        if not self.jobs or self.dead:
+            return False
+        job = self.jobs[0]
+        need = P.MAX_REPLY
+        if job.req.cmd == P.CMD_READ and job.buf is None:
+            r = job.req
+            need += -(-(r.offset + r.length) // SECTOR) * SECTOR - r.offset + r.offset % SECTOR
+        return self._room_out(need)
+
+    def finished(self) -> bool:
+        return self.dead or (self.closing is not None and not self.jobs and not self.out)
+
+    def waiting_on_peer(self) -> bool:
+        """Holds bytes only the peer can release: unread replies, or half a request."""
+        return bool(self.out) or (self.starved and self.proto.buffered() > 0)
+
+    # -- input ---------------------------------------------------------------------------------
+    def feed(self, data: bytes | bytearray | memoryview, now: float = 0.0) -> None:
+        """Received bytes (b"": the peer closed its side)."""
+        self.starved = False
+        self.last_io = now
+        if not data:
+            self.eof = True
+        self.proto.receive_data(data)
+        self.sync()
+
+    def decode(self, budget: int, now: float = 0.0) -> int:
+        """Move decoded requests into the job queue; returns the messages decoded (<= budget)."""
+        used = 0
+        try:
+            while used < budget and self.can_decode():
+                ev = self.proto.decode_one()
+                if ev is None:
+                    if self.proto.need_input:
+                        self.starved = True
+                        break
+                    used += 1
+                    self._queue_output()  # an option's replies count before the next option
+                    continue
+                used += 1
+                if isinstance(ev, P.Close):
+                    self.closing, self.closing_since = ev, now
+                    break
+                self.jobs.append(_Job(ev))
+                self.queued_bytes += len(ev.data)
+            self._queue_output()
+            self.stats.decoded += used
+        except Exception as exc:  # a bug in the machine: never take the domain down for it
+            self.stats.internal += 1
+            self.log(f"nbd protocol error on node{self.identity}'s connection from {self.peer}: "
+                     f"{exc!r}")
+            self.closing, self.closing_since = P.Close(f"internal error {exc!r}", False), now
+        self.sync()
+        return used
+
+    # -- output --------------------------------------------------------------------------------
+    def _queue_output(self) -> None:
+        for b in self.proto.pop_output():
+            mv = memoryview(b).cast("B")
+            if mv.nbytes:
+                self.out.append(mv)
+                self.out_queued += mv.nbytes + _PIECE_OVERHEAD
+
+    def consume(self, sent: int, now: float = 0.0) -> None:
+        """`sent` bytes from the head of `out` left (the transport's write, the stream's read)."""
+        if sent:
+            self.last_io = now
+        while sent:
+            head = self.out[0]
+            if sent >= head.nbytes:
+                sent -= head.nbytes
+                self.out_queued -= head.nbytes + _PIECE_OVERHEAD
+                self.out.popleft()
+            else:
+                self.out[0] = head[sent:]
+                self.out_queued -= sent
+                sent = 0
+        self.sync()
+
+    def drop(self) -> None:
+        """Forget every buffer (the connection is gone) and give back the pool share."""
+        self.dead = True
+        self.jobs.clear()
+        self.queued_bytes = 0
+        self.out.clear()
+        self.out_queued = 0
+        self.proto.pop_output()
+        self.sync()
+
+    # -- requests -> D-module ------------------------------------------------------------------
+    def run(self, pieces: int, moved: int, turn: int = 16) -> tuple[int, int]:
+        """Up to `turn` pieces of this connection's work while the turn's budget allows;
+        returns the budget used as (pieces, bytes)."""
+        lim = self.limits
+        p = m = 0
+        while p < turn and pieces + p < lim.turn_pieces and moved + m < lim.turn_bytes \
+                and self.runnable():
+            m += self._step(self.jobs[0])
+            p += 1
+        self._queue_output()
+        self.sync()
+        return p, m
+
+    def _step(self, job: _Job) -> int:
+        """Do one piece of the oldest request; returns bytes moved."""
+        req = job.req
+        lun = self.lun_of.get(req.export.name, -1)
+        try:
+            if req.cmd == P.CMD_READ:
+                n = self._read_piece(job, lun)
+            elif req.cmd in (P.CMD_WRITE, P.CMD_WRITE_ZEROES, P.CMD_TRIM):
+                n = self._write_piece(job, lun)
+            elif req.cmd == P.CMD_FLUSH:
+                # Everything acknowledged before is in the NVLog (NVRAM: stable storage).
+                self.d.flush(self.identity, lun)
+                self._done(lambda: self.proto.reply_ok(req))
+                n = 0
+            else:  # the machine only lets valid commands through
+                self._done(lambda: self.proto.reply_error(req, P.EINVAL, "unsupported command"))
+                n = 0
+        except Fenced as exc:
+            # This incarnation may no longer write: answering anything would be a lie.
+            self.log(f"nbd: node{self.identity} fenced, closing connection from {self.peer}: "
+                     f"{exc.message}")
+            self.dead = True
+            return 0
+        except OutOfRange as exc:
+            err = P.ENOSPC if req.cmd != P.CMD_READ and req.cmd != P.CMD_TRIM else P.EINVAL
+            self._fail(req, err, exc.message)
+            return 0
+        except (BadRequest, UnknownLun) as exc:
+            self._fail(req, P.EINVAL, exc.message)
+            return 0
+        except VmemuError as exc:
+            self._fail(req, P.EIO, exc.message)
+            return 0
+        except Exception as exc:  # an I/O error of the disk, or a bug: fail this request only
+            self.log(f"nbd: {req.name} on node{self.identity} failed: {exc!r}")
+            self._fail(req, P.EIO, f"{type(exc).__name__}: {exc}")
+            return 0
+        return n
+
+    def _done(self, reply: Callable[[], None]) -> None:
+        job = self.jobs.popleft()
+        self.queued_bytes -= len(job.req.data)
+        reply()
+        self.stats.served += 1
+        if self.on_request is not None:
+            self.on_request(self.identity)
+
+    def _fail(self, req: P.Request, err: int, message: str) -> None:
+        self.stats.errors += 1
+        if self.jobs and self.jobs[0].req is req:
+            self._done(lambda: self.proto.reply_error(req, err, message))
+
+    def _read_piece(self, job: _Job, lun: int) -> int:
+        req = job.req
+        if req.length == 0:
+            self._done(lambda: self.proto.reply_read(req, b""))
+            return 0
+        start = req.offset - req.offset % SECTOR
+        end = -(-(req.offset + req.length) // SECTOR) * SECTOR
+        if job.buf is None:
+            job.pos = start
+            if end - start <= MAX_IO:
+                # The common case: one piece, answered straight from the D-module.
+                data = self.d.read(self.identity, lun, start, end - start)
+                if len(data) != req.length:
+                    data = memoryview(data)[req.offset - start:req.offset - start + req.length]
+                self._done(lambda: self.proto.reply_read(req, data))
+                return end - start
+            job.buf = bytearray(end - start)
+        n = min(MAX_IO, end - job.pos)
+        data = self.d.read(self.identity, lun, job.pos, n)
+        job.buf[job.pos - start:job.pos - start + n] = data
+        job.pos += n
+        if job.pos >= end:
+            view = memoryview(job.buf)[req.offset - start:req.offset - start + req.length]
+            self._done(lambda: self.proto.reply_read(req, view))
+        return n
+
+    def _write_piece(self, job: _Job, lun: int) -> int:
+        req = job.req
+        if req.length == 0:
+            self._done(lambda: self.proto.reply_ok(req))
+            return 0
+        off, end = req.offset, req.offset + req.length
+        start = off - off % SECTOR
+        aend = -(-end // SECTOR) * SECTOR
+        if job.pos < 0:
+            job.pos = start
+        s = job.pos
+        t = min(s + MAX_IO, aend)
+        zeros = req.cmd != P.CMD_WRITE
+        if s >= off and t <= end:
+            piece: bytes | bytearray | memoryview = (
+                memoryview(_ZEROS)[:t - s] if zeros else memoryview(req.data)[s - off:t - off])
+        else:
+            # Read-modify-write of the partial first and/or last sector, in this same step,
+            # so no other request's write to those sectors can fall in between.
+            buf = bytearray(t - s)
+            if s < off:
+                buf[:SECTOR] = self.d.read(self.identity, lun, s, SECTOR)
+            if t > end and not (s < off and t - s == SECTOR):
+                buf[t - s - SECTOR:] = self.d.read(self.identity, lun, t - SECTOR, SECTOR)
+            lo, hi = max(s, off), min(t, end)
+            buf[lo - s:hi - s] = _ZEROS[:hi - lo] if zeros else memoryview(req.data)[lo - off:hi - off]
+            piece = buf
+        self.d.write(self.identity, lun, s, piece, 0, 0)
+        job.pos = t
+        if t >= aend:
+            self._done(lambda: self.proto.reply_ok(req))
+        return t - s
