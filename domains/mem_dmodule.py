@@ -15,6 +15,7 @@ What it leaves out is durability and takeover: no NVRAM, no CP, no exactly-once 
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,11 +31,12 @@ class MemLun:
     identity: int
     index: int
     size: int
-    mem: bytearray = field(repr=False, default_factory=bytearray)
+    mem: mmap.mmap = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.mem:
-            self.mem = bytearray(self.size)  # zero pages: the kernel maps them on first write
+        # Anonymous memory: zero pages until written, so a large LUN costs what is written
+        # (a bytearray would be zero-filled, all of it, at once).
+        self.mem = mmap.mmap(-1, max(self.size, 1))
 
     @property
     def name(self) -> str:
