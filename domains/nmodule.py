@@ -97,7 +97,7 @@ class BlockProtocol:
             client = codec.arg(req, "client", int, 0)
             if not 0 <= client < 2**63:
                 raise BadRequest("write: client id out of range")
-            request = codec.arg(req, "request", int, req.id)  # the original id, if forwarded
+            request = codec.arg_int(req, "request", 0, 2**63, req.id)  # the original id, if forwarded
             return {"seq": self.d.write(identity, lun, offset, data, client, request)}
         if op == "read":
             lun = codec.arg(req, "lun", int)

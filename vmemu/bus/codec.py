@@ -100,3 +100,15 @@ def arg(req: Request, name: str, kind: type | tuple[type, ...], default: Any = .
     if not isinstance(value, kind):
         raise BadRequest(f"{req.op}: argument {name!r} has the wrong type")
     return value
+
+
+def arg_int(req: Request, name: str, lo: int, hi: int, default: Any = ...) -> int:
+    """An integer argument in [lo, hi), or a BadRequest naming it: the range check belongs at
+    the protocol's edge, before the value reaches a fixed-width field (the NVLog packs ids
+    as u64)."""
+    from vmemu.errors import BadRequest
+
+    value = arg(req, name, int, default)
+    if not lo <= value < hi:
+        raise BadRequest(f"{req.op}: argument {name!r} is out of range [{lo}, {hi})")
+    return value
