@@ -23,7 +23,9 @@ from pathlib import Path
 import pytest
 
 from domains import nbd_proto as P
+from domains.nbd_conn import Limits
 from tests.e2e.conftest import served_by
+from tests.nbd_flood import Prober, memory, summary
 from tests.unit.test_nbd_proto import info_data, opt, req
 from tests.unit.test_nbd_server import Client
 from vmemu.config import nbd_address, nbd_uri
@@ -321,7 +323,44 @@ def _closed(sock: socket.socket) -> bool:
         return True
 
 
-def test_raw_protocol_errors_leave_the_server_serving(cluster):
+def _flood_leaves_the_guest_serving(c) -> None:
+    """200 connections that never finish the handshake nor read, then 4 MiB of options
+    without reading (tests/nbd_flood.py, in a process of its own), against a real guest: its
+    RSS grows by less than the stated bound, a client connected before is answered with
+    normal latency throughout, and the guest stays the one serving (its loop never stalled
+    long enough for a takeover)."""
+    host, port = nbd_address(c.control.config, 1)
+    pid = c.status().node("node1")["pid"]
+    prober = Prober((host, port)).start()
+    attack = None
+    try:
+        prober.wait_for(100)
+        base = summary(prober.since(0))
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        before = memory(pid)
+        t_attack = time.monotonic()
+        attack = subprocess.Popen([sys.executable, "-m", "tests.nbd_flood", host, str(port)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        json.loads(attack.stdout.readline())  # every attacker connected and sent
+        prober.wait_for(100)
+        during = summary(prober.since(t_attack))
+        growth = memory(pid)["VmHWM"] - before["VmRSS"]
+        print(json.dumps({"baseline": base, "during": during, "rss_before": before["VmRSS"],
+                          "growth": growth, "bound": Limits().bound()}))
+        assert growth < Limits().bound(), growth
+        # The median, not the maximum: a real guest has pauses of its own (CPs, a loaded host).
+        assert during["median_ms"] < max(50.0, 10 * base["median_ms"]), (base, during)
+    finally:
+        prober.stop()
+        if attack is not None:
+            attack.stdin.close()
+            attack.wait(10)
+    st = c.status().node("node1")
+    assert st["pid"] == pid and st["state"] == "serving" and served_by(c, "node1") == "node1"
+
+
+def test_raw_protocol_errors_and_floods_leave_the_server_serving(cluster):
     c = cluster
     host, port = nbd_address(c.control.config, 1)
     pid = c.status().node("node1")["pid"]
@@ -363,6 +402,7 @@ def test_raw_protocol_errors_leave_the_server_serving(cluster):
     assert st["pid"] == pid and st["state"] == "serving"
     with c.client("node1") as blk:
         assert blk.read(0, 0, 4096) == b"\x42" * 4096
+    _flood_leaves_the_guest_serving(c)  # on the same cluster: one boot for both
 
 
 def test_up_refuses_a_taken_nbd_port_in_one_line(tmp_path):

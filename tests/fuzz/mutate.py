@@ -27,6 +27,8 @@ U32_EDGES = [0, 1, 511, 512, 513, 4095, 4096, P.MAX_BLOCK - 1, P.MAX_BLOCK, P.MA
              P.DOS_PAYLOAD + 1, 2**31 - 1, 2**31, 2**32 - 1]
 U64_EDGES = [0, 512, 4096, 2 * MiB - 512, 2 * MiB, 16 * MiB - 512, 16 * MiB, 64 * MiB - 512,
              64 * MiB, 2**32, 2**63 - 1, 2**63, 2**64 - 512, 2**64 - 1]
+MAX_STREAM = 1 << 20  # mutated streams are cut here: larger ones only cost time (the server
+# stops reading a handshake at 32 KiB and a request at 32 MiB either way)
 INT_EDGES = [-1, -2**63, 0, 1, 511, 512, 4096, MiB, MiB + 1, 2**31, 2**32, 2**63 - 1, 2**63,
              2**64 - 1, 64 * MiB]
 
@@ -75,6 +77,7 @@ def mutate_stream(rnd: random.Random, data: bytes, other: bytes) -> bytes:
             i = rnd.randrange(len(buf))
             n = rnd.randint(1, min(256, len(buf) - i))
             buf[i:i] = buf[i:i + n] * rnd.randint(1, 8)
+        del buf[MAX_STREAM:]
     return bytes(buf)
 
 
@@ -111,7 +114,8 @@ def _repeat_message(rnd: random.Random, buf: bytearray) -> None:
     msgs = [m for m in split(bytes(buf)) if m.kind in ("option", "request")]
     if msgs:
         m = rnd.choice(msgs)
-        buf[m.end:m.end] = bytes(buf[m.start:m.end]) * rnd.choice([1, 2, 10, 100, 1000])
+        times = rnd.choice([1, 2, 10, 100, 1000])
+        buf[m.end:m.end] = bytes(buf[m.start:m.end]) * min(times, MAX_STREAM // (m.end - m.start))
 
 
 def generate_stream(rnd: random.Random) -> bytes:
