@@ -210,7 +210,8 @@ class Guest:
                 "cp_count": d.cp_count, "last_cp": d.last_cp, "serves": sorted(d.served),
                 "mapped": [f"{r:#x}" for r in self.monitor.mapped], "region": f"{d.region_id:#x}",
                 "storage": {str(i): d.storage_summary(i) for i in d.served},
-                "cp": d.last_cp_info or None, "cp_stalls": d.cp_stalls}
+                "cp": d.last_cp_info or None, "cp_stalls": d.cp_stalls,
+                "nbd": self.nbd.summary()}
 
     # -- hypervisor requests -----------------------------------------------------------------
     def _control(self, req: codec.Request) -> Any:

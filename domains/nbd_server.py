@@ -42,6 +42,7 @@ from __future__ import annotations
 import errno
 import socket
 import time
+from dataclasses import asdict
 from typing import Any, Callable
 
 import zmq
@@ -133,6 +134,11 @@ class NbdServer:
 
     def connections(self, identity: int | None = None) -> int:
         return sum(1 for p in self.conns.values() if identity is None or p.conn.identity == identity)
+
+    def summary(self) -> dict[str, int]:
+        """Counters and current figures, for the domain's status (`vmemu status --json`)."""
+        return dict(asdict(self.stats), connections=len(self.conns), held_bytes=self.held_bytes(),
+                    pool_used=self.pool.used)
 
     def held_bytes(self) -> int:
         """Bytes all connections hold now (what `Limits.bound()` bounds)."""

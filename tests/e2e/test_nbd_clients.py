@@ -24,7 +24,7 @@ import pytest
 
 from domains import nbd_proto as P
 from domains.nbd_conn import Limits
-from tests.e2e.conftest import served_by
+from tests.e2e.conftest import served_by, wait_until
 from tests.nbd_flood import Prober, memory, summary
 from tests.unit.test_nbd_proto import info_data, opt, req
 from tests.unit.test_nbd_server import Client
@@ -81,8 +81,10 @@ def test_status_and_lun_list_name_every_uri(cluster):
     for n in (1, 2):
         host, port = nbd_address(cfg, n)
         assert host == f"127.0.10.{n}"
-        assert st.node(f"node{n}")["nbd"] == {"address": host, "port": port,
-                                              "uris": [uri(c, n, 0), uri(c, n, 1)]}
+        nbd = st.node(f"node{n}")["nbd"]
+        assert {k: nbd[k] for k in ("address", "port", "uris")} == {
+            "address": host, "port": port, "uris": [uri(c, n, 0), uri(c, n, 1)]}
+        assert nbd["server"]["connections"] == 0 and nbd["server"]["refused"] == 0
     p = vmemu_cli(c, "lun", "list", "--json")
     assert p.returncode == 0, p.stderr
     rows = json.loads(p.stdout)
@@ -358,6 +360,9 @@ def _flood_leaves_the_guest_serving(c) -> None:
             attack.wait(10)
     st = c.status().node("node1")
     assert st["pid"] == pid and st["state"] == "serving" and served_by(c, "node1") == "node1"
+    # The caps engaged, and the status says so (the figures ride on heartbeats).
+    wait_until(lambda: (s := c.status().node("node1")["nbd"]["server"])["refused"]
+               + s["evicted"] >= 200 - Limits().max_handshakes, 10, "the refusals in status")
 
 
 def test_raw_protocol_errors_and_floods_leave_the_server_serving(cluster):
