@@ -10,7 +10,7 @@ The guest's loop registers `poll_fds()` with its zmq.Poller (which polls raw des
 well as ZeroMQ sockets) and hands what was ready to `service()`. The protocol is the pure
 machine of domains/nbd_proto.py, a connection's work and memory accounting the socket-free
 `Conn` of domains/nbd_conn.py; here are sockets, and the bounds across connections
-(`Limits`, defaults in domains/nbd_conn.py):
+(`Limits`, defaults in domains/nbd_limits.py):
 
 - at most `max_conns` connections a domain (64): more are accepted and closed at once
   (counted in `stats.refused`), never left in the backlog to make the listener spin; at most
@@ -48,7 +48,8 @@ from typing import Any, Callable
 import zmq
 
 from domains import nbd_proto as P
-from domains.nbd_conn import Conn, Limits, Pool, Stats, exports_of
+from domains.nbd_conn import Conn, exports_of
+from domains.nbd_limits import Limits, Pool, Stats
 from vmemu.errors import Fenced, VmemuError
 
 _BACKOFF_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}

@@ -21,7 +21,8 @@ from typing import Any
 
 from domains import nbd_proto as P
 from domains.mem_dmodule import MemDModule
-from domains.nbd_conn import Conn, Limits, Pool, Stats, exports_of
+from domains.nbd_conn import Conn, exports_of
+from domains.nbd_limits import Limits, Pool, Stats
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from dataclasses import asdict, replace
 import zmq
 
 from domains.mem_dmodule import MemDModule
-from domains.nbd_conn import Limits
+from domains.nbd_limits import Limits
 from domains.nbd_server import NbdServer
 
 MiB = 1 << 20

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from domains import nbd_proto as P
-from domains.nbd_conn import Limits
+from domains.nbd_limits import Limits
 from tests.e2e.conftest import served_by, wait_until
 from tests.nbd_flood import Prober, memory, summary
 from tests.unit.test_nbd_proto import info_data, opt, req

@@ -4,7 +4,7 @@
 checks: no exception escapes, the output parses as the protocol says (tests/fuzz/nbd_wire:
 valid magics, option replies for options sent, reply cookies that were sent, every request
 let through answered exactly once), the connection never stalls while its peer reads, what
-it buffered stays within its caps (domains/nbd_conn.Limits), and the output is bounded by
+it buffered stays within its caps (domains/nbd_limits.Limits), and the output is bounded by
 the input (READ data aside). `frames(frames)` serves bus frames through
 domains/block_stream.py and checks: no exception anywhere (an exception the boundary
 caught that is not a VmemuError is a finding too), one reply per request with an id and
@@ -22,7 +22,7 @@ import msgpack
 from domains import nbd_proto as P
 from domains.block_stream import serve_frames
 from domains.mem_dmodule import MemDModule
-from domains.nbd_conn import Limits
+from domains.nbd_limits import Limits
 from domains.nbd_stream import serve_stream
 from tests.fuzz.nbd_wire import check_replies
 from vmemu.bus import codec

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from domains.nbd_conn import Limits
+from domains.nbd_limits import Limits
 from tests.nbd_flood import Prober, memory, summary
 
 
