@@ -136,11 +136,29 @@ class Conn:
             return 0  # the peer is behind on reading its replies: take no new requests
         return max(0, self._allowance(held_in, lim.res_in) - held_in)
 
+    def _out_limit(self) -> int:
+        """Most reply bytes this connection may hold now. Constant while it only adds output
+        (what it takes beyond its reserve it takes from what the pool had free), so a loop
+        that adds replies computes it once."""
+        lim = self.limits
+        if not self.transmission:
+            return lim.hs_out - 1  # below the cap, one more option may be decoded
+        return self._allowance(self.out_bytes(), lim.res_out)
+
     def _room_out(self, need: int) -> bool:
         held = self.out_bytes()
         if not self.transmission:
-            return held < self.limits.hs_out
-        return held + need <= self._allowance(held, self.limits.res_out)
+            return held < self.limits.hs_out  # then one more option's replies, whatever they are
+        if held + need <= self.limits.res_out:
+            return True  # within the reserve: no need to look at the pool
+        return held + need <= self._out_limit()
+
+    def _need(self, job: _Job) -> int:
+        """Reply room the job's next piece needs: a reply, and a READ's data when it starts."""
+        r = job.req
+        if r.cmd != P.CMD_READ or job.buf is not None:
+            return _REPLY_ROOM
+        return _REPLY_ROOM + -(-(r.offset + r.length) // SECTOR) * SECTOR - r.offset + r.offset % SECTOR
 
     def can_decode(self) -> bool:
         return (self.closing is None and not self.starved and not self.dead
@@ -148,14 +166,7 @@ class Conn:
 
     def runnable(self) -> bool:
         """Has work it has the memory for (its peer is reading the replies)."""
-        if not self.jobs or self.dead:
-            return False
-        job = self.jobs[0]
-        need = _REPLY_ROOM
-        if job.req.cmd == P.CMD_READ and job.buf is None:
-            r = job.req
-            need += -(-(r.offset + r.length) // SECTOR) * SECTOR - r.offset + r.offset % SECTOR
-        return self._room_out(need)
+        return bool(self.jobs) and not self.dead and self._room_out(self._need(self.jobs[0]))
 
     def finished(self) -> bool:
         return self.dead or (self.closing is not None and not self.jobs and not self.out)
@@ -176,24 +187,33 @@ class Conn:
 
     def decode(self, budget: int, now: float = 0.0) -> int:
         """Move decoded requests into the job queue; returns the messages decoded (<= budget)."""
+        if self.closing is not None or self.starved or self.dead:
+            return 0
         used = 0
+        proto, jobs, max_jobs = self.proto, self.jobs, self.limits.max_jobs
         try:
-            while used < budget and self.can_decode():
-                ev = self.proto.decode_one()
+            phase = self.transmission
+            limit = self._out_limit() - (_REPLY_ROOM if phase else 0)
+            held = self.out_bytes()  # grows only by what is queued below
+            while used < budget and len(jobs) < max_jobs and held <= limit:
+                ev = proto.decode_one()
+                if proto.has_output():
+                    held += self._queue_output()  # an option's replies count before the next
                 if ev is None:
-                    if self.proto.need_input:
+                    if proto.need_input:
                         self.starved = True
                         break
                     used += 1
-                    self._queue_output()  # an option's replies count before the next option
+                    if self.transmission != phase:  # that was NBD_OPT_GO: transmission's caps
+                        phase = True
+                        limit = self._out_limit() - _REPLY_ROOM
                     continue
                 used += 1
-                if isinstance(ev, P.Close):
+                if ev.__class__ is P.Close:
                     self.closing, self.closing_since = ev, now
                     break
-                self.jobs.append(_Job(ev))
+                jobs.append(_Job(ev))
                 self.queued_bytes += len(ev.data)
-            self._queue_output()
             self.stats.decoded += used
         except Exception as exc:  # a bug in the machine: never take the domain down for it
             self.stats.internal += 1
@@ -204,12 +224,18 @@ class Conn:
         return used
 
     # -- output --------------------------------------------------------------------------------
-    def _queue_output(self) -> None:
+    def _queue_output(self) -> int:
+        """Take the machine's replies into `out`; returns the bytes they are counted as."""
+        added = 0
         for b in self.proto.pop_output():
-            mv = memoryview(b).cast("B")
+            mv = memoryview(b)
+            if mv.format != "B" or mv.ndim != 1:
+                mv = mv.cast("B")
             if mv.nbytes:
                 self.out.append(mv)
-                self.out_queued += mv.nbytes + _PIECE_OVERHEAD
+                added += mv.nbytes + _PIECE_OVERHEAD
+        self.out_queued += added
+        return added
 
     def consume(self, sent: int, now: float = 0.0) -> None:
         """`sent` bytes from the head of `out` left (the transport's write, the stream's read)."""
@@ -239,13 +265,23 @@ class Conn:
 
     # -- requests -> D-module ------------------------------------------------------------------
     def run(self, pieces: int, moved: int, turn: int = 16) -> tuple[int, int]:
-        """Up to `turn` pieces of this connection's work while the turn's budget allows;
-        returns the budget used as (pieces, bytes)."""
+        """Up to `turn` pieces of this connection's work while the turn's budget allows and
+        its replies fit; returns the budget used as (pieces, bytes)."""
         lim = self.limits
+        jobs = self.jobs
+        # What the pieces run here may add is counted as what each needed (an upper bound),
+        # and the replies are queued once at the end.
+        room = self._out_limit() - self.out_bytes()
         p = m = 0
-        while p < turn and pieces + p < lim.turn_pieces and moved + m < lim.turn_bytes \
-                and self.runnable():
-            m += self._step(self.jobs[0])
+        while jobs and p < turn and pieces + p < lim.turn_pieces and moved + m < lim.turn_bytes \
+                and not self.dead:
+            job = jobs[0]
+            need = _REPLY_ROOM if job.req.cmd != P.CMD_READ or job.buf is not None \
+                else self._need(job)
+            if need > room:
+                break
+            room -= need
+            m += self._step(job)
             p += 1
         self._queue_output()
         self.sync()

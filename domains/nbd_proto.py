@@ -260,30 +260,35 @@ class ServerProto:
         return None
 
     def decode_one(self) -> Event | None:
-        """Decode at most one message (an option, a request, or a piece of a skipped payload):
-        its event, or None. After None, `need_input` tells whether anything more can be
-        decoded before more input arrives (False: call again)."""
+        """Decode at most one message (an option, a request with its payload, or what has
+        arrived of a skipped payload): its event, or None. After None, `need_input` tells
+        whether anything more can be decoded before more input arrives (False: call again)."""
         self.need_input = False
-        if self.closed is not None:
-            return None
-        if self._close_pending is not None:
-            return self._close(self._close_pending)
-        before = (self._pos, self._state, self._skip)
-        ev = self._step()
-        if ev is not None:
-            return ev
-        if self._close_pending is not None:
-            return self._close(self._close_pending)
-        if (self._pos, self._state, self._skip) == before:
-            # Nothing more can be decoded from what is buffered.
-            if self._eof:
-                between = self._avail() == 0 and self._state in (_S_OPTION, _S_REQUEST)
-                return self._close(Close("client closed the connection"
-                                         + ("" if between else " in the middle of a message"),
-                                         clean=between))
-            self._compact()
-            self.need_input = True
+        while self.closed is None:
+            if self._close_pending is not None:
+                return self._close(self._close_pending)
+            before = (self._pos, self._state, self._skip)
+            ev = self._step()
+            if ev is not None:
+                return ev
+            if self._close_pending is not None:
+                return self._close(self._close_pending)
+            if (self._pos, self._state, self._skip) == before:
+                # Nothing more can be decoded from what is buffered.
+                if self._eof:
+                    between = self._avail() == 0 and self._state in (_S_OPTION, _S_REQUEST)
+                    return self._close(Close("client closed the connection"
+                                             + ("" if between else " in the middle of a message"),
+                                             clean=between))
+                self._compact()
+                self.need_input = True
+                return None
+            if self._state == _S_OPTION or self._state == _S_REQUEST:
+                return None  # a message is done (an option answered): that is one
         return None
+
+    def has_output(self) -> bool:
+        return bool(self._out)
 
     def pending_output(self) -> int:
         """Bytes queued by the machine and not yet taken with pop_output."""
