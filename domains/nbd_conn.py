@@ -86,7 +86,8 @@ class Conn:
         self.log = log or (lambda msg: None)
         self.jobs: deque[_Job] = deque()
         self.out: deque[memoryview] = deque()
-        self.out_queued = 0  # bytes in `out`, with _PIECE_OVERHEAD for each piece
+        # Bytes in `out` (with _PIECE_OVERHEAD for each piece) and in a READ being assembled.
+        self.out_held = 0
         self.queued_bytes = 0  # WRITE payload held by queued jobs
         self.eof = False
         self.closing: P.Close | None = None
@@ -99,6 +100,7 @@ class Conn:
         self._queue_output()  # the greeting
 
     # -- accounting ----------------------------------------------------------------------------
+    # Called several times a loop turn per connection: attribute arithmetic, few calls.
     @property
     def transmission(self) -> bool:
         return self.proto.export is not None
@@ -107,47 +109,62 @@ class Conn:
         return self.proto.buffered() + self.queued_bytes
 
     def out_bytes(self) -> int:
-        head = self.jobs[0].buf if self.jobs else None
-        return self.out_queued + (len(head) if head is not None else 0)
+        return self.out_held
 
     def sync(self) -> None:
         """Settle what this connection holds of the pool after its buffers changed."""
         new = 0
-        if self.transmission and not self.dead:
+        if self.proto.export is not None and not self.dead:
             lim = self.limits
-            new = max(0, self.in_bytes() - lim.res_in) + max(0, self.out_bytes() - lim.res_out)
-        self.pool.used += new - self.excess
-        self.excess = new
+            e_in = self.proto.buffered() + self.queued_bytes - lim.res_in
+            e_out = self.out_held - lim.res_out
+            new = (e_in if e_in > 0 else 0) + (e_out if e_out > 0 else 0)
+        if new != self.excess:
+            self.pool.used += new - self.excess
+            self.excess = new
+
+    def _settle(self) -> None:
+        """`sync`, unless nothing is or was beyond the reserves (the common case, no call)."""
+        lim = self.limits
+        if self.excess or self.out_held > lim.res_out \
+                or self.proto.buffered() + self.queued_bytes > lim.res_in:
+            self.sync()
 
     def _allowance(self, held: int, reserve: int) -> int:
-        """Bytes one direction may hold in transmission, given the pool's state now."""
-        mine = max(0, held - reserve)  # this direction's share of the pool already
-        return min(self.limits.conn_max, reserve + mine + self.pool.free())
+        """Bytes one direction may hold in transmission, given the pool's state now: its
+        reserve, what it holds of the pool already, and what the pool has free."""
+        pool = self.pool
+        mine = held - reserve if held > reserve else 0
+        allowed = reserve + mine + pool.size - pool.used
+        return allowed if allowed < self.limits.conn_max else self.limits.conn_max
 
     def room_in(self) -> int:
         """Bytes that may be received now (0: do not read this connection)."""
         lim = self.limits
         if self.eof or self.closing is not None or self.dead or len(self.jobs) >= lim.max_jobs:
             return 0
-        held_in, held_out = self.in_bytes(), self.out_bytes()
-        if not self.transmission:
-            return 0 if held_out >= lim.hs_out else max(0, lim.hs_in - held_in)
-        if held_out > lim.res_out:
+        held_in = self.proto.buffered() + self.queued_bytes
+        if self.proto.export is None:  # the handshake
+            return 0 if self.out_held >= lim.hs_out or held_in >= lim.hs_in else lim.hs_in - held_in
+        if self.out_held > lim.res_out:
             return 0  # the peer is behind on reading its replies: take no new requests
-        return max(0, self._allowance(held_in, lim.res_in) - held_in)
+        if held_in < lim.res_in and not self.excess:
+            return lim.res_in - held_in  # the reserve's room; the pool's is looked at beyond it
+        room = self._allowance(held_in, lim.res_in) - held_in
+        return room if room > 0 else 0
 
     def _out_limit(self) -> int:
         """Most reply bytes this connection may hold now. Constant while it only adds output
         (what it takes beyond its reserve it takes from what the pool had free), so a loop
         that adds replies computes it once."""
         lim = self.limits
-        if not self.transmission:
+        if self.proto.export is None:
             return lim.hs_out - 1  # below the cap, one more option may be decoded
-        return self._allowance(self.out_bytes(), lim.res_out)
+        return self._allowance(self.out_held, lim.res_out)
 
     def _room_out(self, need: int) -> bool:
-        held = self.out_bytes()
-        if not self.transmission:
+        held = self.out_held
+        if self.proto.export is None:
             return held < self.limits.hs_out  # then one more option's replies, whatever they are
         if held + need <= self.limits.res_out:
             return True  # within the reserve: no need to look at the pool
@@ -166,7 +183,8 @@ class Conn:
 
     def runnable(self) -> bool:
         """Has work it has the memory for (its peer is reading the replies)."""
-        return bool(self.jobs) and not self.dead and self._room_out(self._need(self.jobs[0]))
+        jobs = self.jobs
+        return bool(jobs) and not self.dead and self._room_out(self._need(jobs[0]))
 
     def finished(self) -> bool:
         return self.dead or (self.closing is not None and not self.jobs and not self.out)
@@ -183,7 +201,7 @@ class Conn:
         if not data:
             self.eof = True
         self.proto.receive_data(data)
-        self.sync()
+        self._settle()
 
     def decode(self, budget: int, now: float = 0.0) -> int:
         """Move decoded requests into the job queue; returns the messages decoded (<= budget)."""
@@ -192,9 +210,9 @@ class Conn:
         used = 0
         proto, jobs, max_jobs = self.proto, self.jobs, self.limits.max_jobs
         try:
-            phase = self.transmission
+            phase = proto.export is not None
             limit = self._out_limit() - (_REPLY_ROOM if phase else 0)
-            held = self.out_bytes()  # grows only by what is queued below
+            held = self.out_held  # grows only by what is queued below
             while used < budget and len(jobs) < max_jobs and held <= limit:
                 ev = proto.decode_one()
                 if proto.has_output():
@@ -204,7 +222,7 @@ class Conn:
                         self.starved = True
                         break
                     used += 1
-                    if self.transmission != phase:  # that was NBD_OPT_GO: transmission's caps
+                    if not phase and proto.export is not None:  # NBD_OPT_GO: transmission's caps
                         phase = True
                         limit = self._out_limit() - _REPLY_ROOM
                     continue
@@ -220,7 +238,7 @@ class Conn:
             self.log(f"nbd protocol error on node{self.identity}'s connection from {self.peer}: "
                      f"{exc!r}")
             self.closing, self.closing_since = P.Close(f"internal error {exc!r}", False), now
-        self.sync()
+        self._settle()
         return used
 
     # -- output --------------------------------------------------------------------------------
@@ -234,24 +252,26 @@ class Conn:
             if mv.nbytes:
                 self.out.append(mv)
                 added += mv.nbytes + _PIECE_OVERHEAD
-        self.out_queued += added
+        self.out_held += added
         return added
 
     def consume(self, sent: int, now: float = 0.0) -> None:
         """`sent` bytes from the head of `out` left (the transport's write, the stream's read)."""
-        if sent:
-            self.last_io = now
+        if not sent:
+            return
+        self.last_io = now
         while sent:
             head = self.out[0]
             if sent >= head.nbytes:
                 sent -= head.nbytes
-                self.out_queued -= head.nbytes + _PIECE_OVERHEAD
+                self.out_held -= head.nbytes + _PIECE_OVERHEAD
                 self.out.popleft()
             else:
                 self.out[0] = head[sent:]
-                self.out_queued -= sent
+                self.out_held -= sent
                 sent = 0
-        self.sync()
+        if self.excess:  # less held: give the pool back what is no longer beyond the reserve
+            self.sync()
 
     def drop(self) -> None:
         """Forget every buffer (the connection is gone) and give back the pool share."""
@@ -259,7 +279,7 @@ class Conn:
         self.jobs.clear()
         self.queued_bytes = 0
         self.out.clear()
-        self.out_queued = 0
+        self.out_held = 0
         self.proto.pop_output()
         self.sync()
 
@@ -271,7 +291,7 @@ class Conn:
         jobs = self.jobs
         # What the pieces run here may add is counted as what each needed (an upper bound),
         # and the replies are queued once at the end.
-        room = self._out_limit() - self.out_bytes()
+        room = self._out_limit() - self.out_held
         p = m = 0
         while jobs and p < turn and pieces + p < lim.turn_pieces and moved + m < lim.turn_bytes \
                 and not self.dead:
@@ -284,7 +304,7 @@ class Conn:
             m += self._step(job)
             p += 1
         self._queue_output()
-        self.sync()
+        self._settle()
         return p, m
 
     def _step(self, job: _Job) -> int:
@@ -329,6 +349,8 @@ class Conn:
     def _done(self, reply: Callable[[], None]) -> None:
         job = self.jobs.popleft()
         self.queued_bytes -= len(job.req.data)
+        if job.buf is not None:  # a READ assembled in pieces: counted again as its reply
+            self.out_held -= len(job.buf)
         reply()
         self.stats.served += 1
         if self.on_request is not None:
@@ -356,6 +378,7 @@ class Conn:
                 self._done(lambda: self.proto.reply_read(req, data))
                 return end - start
             job.buf = bytearray(end - start)
+            self.out_held += len(job.buf)
         n = min(MAX_IO, end - job.pos)
         data = self.d.read(self.identity, lun, job.pos, n)
         job.buf[job.pos - start:job.pos - start + n] = data
