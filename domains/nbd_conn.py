@@ -41,6 +41,7 @@ from vmemu.errors import BadRequest, Fenced, OutOfRange, UnknownLun, VmemuError
 _ZEROS = bytes(MAX_IO)
 _PIECE_OVERHEAD = 64  # bytes charged per queued reply piece besides its data (object headers)
 _REPLY_ROOM = P.MAX_REPLY + 2 * _PIECE_OVERHEAD  # room one reply needs, READ data aside
+_READ = P.CMD_READ
 
 
 def exports_of(d: Any, identity: int, node: int) -> tuple[list[P.Export], dict[str, int]]:
@@ -210,28 +211,30 @@ class Conn:
         used = 0
         proto, jobs, max_jobs = self.proto, self.jobs, self.limits.max_jobs
         try:
-            phase = proto.export is not None
-            limit = self._out_limit() - (_REPLY_ROOM if phase else 0)
-            held = self.out_held  # grows only by what is queued below
-            while used < budget and len(jobs) < max_jobs and held <= limit:
-                ev = proto.decode_one()
-                if proto.has_output():
-                    held += self._queue_output()  # an option's replies count before the next
-                if ev is None:
-                    if proto.need_input:
-                        self.starved = True
-                        break
+            if proto.export is None:
+                used = self._decode_options(budget, now)
+            if proto.export is not None and used < budget and self.closing is None \
+                    and not self.starved:
+                # Requests: what each may add is one refusal at most (an error reply), counted
+                # as such, and queued at the end.
+                room = self._out_limit() - self.out_held
+                while used < budget and len(jobs) < max_jobs and room >= _REPLY_ROOM:
+                    ev = proto.decode_one()
+                    if ev is None:
+                        if proto.need_input:
+                            self.starved = True
+                            break
+                        used += 1
+                        room -= _REPLY_ROOM
+                        continue
                     used += 1
-                    if not phase and proto.export is not None:  # NBD_OPT_GO: transmission's caps
-                        phase = True
-                        limit = self._out_limit() - _REPLY_ROOM
-                    continue
-                used += 1
-                if ev.__class__ is P.Close:
-                    self.closing, self.closing_since = ev, now
-                    break
-                jobs.append(_Job(ev))
-                self.queued_bytes += len(ev.data)
+                    if ev.__class__ is P.Close:
+                        self.closing, self.closing_since = ev, now
+                        break
+                    jobs.append(_Job(ev))
+                    self.queued_bytes += len(ev.data)
+                    room -= _REPLY_ROOM
+                self._queue_output()
             self.stats.decoded += used
         except Exception as exc:  # a bug in the machine: never take the domain down for it
             self.stats.internal += 1
@@ -239,6 +242,26 @@ class Conn:
                      f"{exc!r}")
             self.closing, self.closing_since = P.Close(f"internal error {exc!r}", False), now
         self._settle()
+        return used
+
+    def _decode_options(self, budget: int, now: float) -> int:
+        """The handshake: one option at a time, its replies counted before the next (their
+        size varies), until transmission starts or a cap or the budget is reached."""
+        proto, used = self.proto, 0
+        limit = self.limits.hs_out
+        while used < budget and proto.export is None and self.out_held < limit:
+            ev = proto.decode_one()
+            self._queue_output()
+            if ev is None:
+                if proto.need_input:
+                    self.starved = True
+                    break
+                used += 1
+                continue
+            used += 1  # only a Close comes out of the handshake
+            if ev.__class__ is P.Close:
+                self.closing, self.closing_since = ev, now
+            break
         return used
 
     # -- output --------------------------------------------------------------------------------
@@ -289,15 +312,15 @@ class Conn:
         its replies fit; returns the budget used as (pieces, bytes)."""
         lim = self.limits
         jobs = self.jobs
+        max_p = min(turn, lim.turn_pieces - pieces)
+        max_m = lim.turn_bytes - moved
         # What the pieces run here may add is counted as what each needed (an upper bound),
         # and the replies are queued once at the end.
         room = self._out_limit() - self.out_held
         p = m = 0
-        while jobs and p < turn and pieces + p < lim.turn_pieces and moved + m < lim.turn_bytes \
-                and not self.dead:
+        while jobs and p < max_p and m < max_m and not self.dead:
             job = jobs[0]
-            need = _REPLY_ROOM if job.req.cmd != P.CMD_READ or job.buf is not None \
-                else self._need(job)
+            need = _REPLY_ROOM if job.req.cmd != _READ or job.buf is not None else self._need(job)
             if need > room:
                 break
             room -= need
