@@ -49,8 +49,9 @@ from typing import Any, Callable
 import zmq
 
 from domains import nbd_proto as P
-from domains.nbd_conn import Conn, exports_of
+from domains.nbd_conn import Conn
 from domains.nbd_limits import Limits, Pool, Stats
+from domains.nbd_requests import exports_of
 from vmemu.errors import Fenced, VmemuError
 
 _BACKOFF_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}

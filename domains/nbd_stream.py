@@ -21,8 +21,9 @@ from typing import Any
 
 from domains import nbd_proto as P
 from domains.mem_dmodule import MemDModule
-from domains.nbd_conn import Conn, exports_of
+from domains.nbd_conn import Conn
 from domains.nbd_limits import Limits, Pool, Stats
+from domains.nbd_requests import exports_of
 
 
 @dataclass(frozen=True)
