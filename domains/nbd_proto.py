@@ -13,7 +13,7 @@ What is spoken (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.
 - options GO, INFO, LIST, EXPORT_NAME, ABORT, STRUCTURED_REPLY; any other option (STARTTLS,
   metadata contexts, extended headers, ...) is answered NBD_REP_ERR_UNSUP;
 - NBD_INFO_EXPORT, NAME and DESCRIPTION (when asked) and BLOCK_SIZE (always: minimum 512,
-  preferred 4096, maximum 32 MiB);
+  preferred 4096, maximum 1 MiB, see "Sizes" below);
 - transmission flags HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_TRIM | SEND_WRITE_ZEROES |
   CAN_MULTI_CONN (every connection of a domain shares one cache and an acknowledged write
   is already in NVRAM), plus SEND_DF once structured replies are negotiated;
@@ -23,12 +23,23 @@ What is spoken (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.
 
 Validation done here, so the transport only sees requests it can carry out: unknown command
 or flag -> EINVAL; a range past the end of the export -> ENOSPC for WRITE and WRITE_ZEROES,
-EINVAL for READ and TRIM; READ, WRITE or WRITE_ZEROES longer than the maximum block size
-(32 MiB) -> EINVAL (a too-long WRITE's payload is read and dropped, never buffered; one
-longer than 64 MiB is taken as a denial of service and closes the connection, as the spec
-allows). TRIM may be as long as the export. Requests need not be aligned: the advertised
-minimum of 512 is what clients should use, and the transport read-modify-writes the rest.
-Zero-length requests succeed and do nothing.
+EINVAL for READ and TRIM; READ, WRITE or WRITE_ZEROES longer than MAX_REQUEST (32 MiB) ->
+EINVAL (a too-long WRITE's payload is read and dropped, never buffered; one longer than
+64 MiB is taken as a denial of service and closes the connection, as the spec allows). TRIM
+may be as long as the export. Requests need not be aligned: the advertised minimum of 512 is
+what clients should use, and the transport read-modify-writes the rest. Zero-length requests
+succeed and do nothing.
+
+Sizes. The advertised maximum block size is 1 MiB (the D-module's largest call), not the
+32 MiB the spec suggests: it is what a connection's memory reserve must hold in each
+direction (domains/nbd_conn.py), so it is what makes the transport's memory bound small.
+Clients that read NBD_INFO_BLOCK_SIZE keep to it (qemu-img, nbdcopy split their requests);
+fio's nbd engine does not (a --bs of 4M is sent as is), so requests up to MAX_REQUEST
+(32 MiB, the spec's interoperable default) are still served, from memory shared by the
+domain's connections. Handshake input is bounded too: option data above MAX_OPTION is
+skipped (never buffered), an NBD_OPT_LIST reply stops at MAX_LIST_REPLY bytes (exports left
+out stay reachable by name), and `decode_one` handles one option or request at a time, so
+the transport can stop decoding a client that does not read its replies.
 """
 
 from __future__ import annotations
@@ -119,11 +130,14 @@ ESHUTDOWN = 108
 
 MIN_BLOCK = 512
 PREFERRED_BLOCK = 4096
-MAX_BLOCK = 32 << 20
+MAX_BLOCK = 1 << 20  # advertised maximum (see "Sizes" in the docstring)
+MAX_REQUEST = 32 << 20  # longest READ/WRITE/WRITE_ZEROES served
 DOS_PAYLOAD = 64 << 20  # a WRITE payload above this closes the connection
-MAX_OPTION = 64 << 10  # option data we buffer; up to MAX_OPTION_SKIP is read and dropped
-MAX_OPTION_SKIP = 1 << 20
+MAX_OPTION = 16 << 10  # option data we buffer (a 4096-byte name and then some); up to
+MAX_OPTION_SKIP = 1 << 20  # MAX_OPTION_SKIP is read and dropped, more closes the connection
 MAX_STRING = 4096
+MAX_LIST_REPLY = 32 << 10  # NBD_REP_SERVER bytes answered to one NBD_OPT_LIST
+MAX_REPLY = 20 + 6 + MAX_STRING  # the longest reply to a transmission request, READ data aside
 
 TRANSMISSION_FLAGS = (TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_TRIM
                       | TFLAG_SEND_WRITE_ZEROES | TFLAG_CAN_MULTI_CONN)
@@ -209,6 +223,7 @@ class ServerProto:
         self._skip = 0
         self.requests = 0
         self.errors = 0
+        self.need_input = False  # set by decode_one: nothing more decodes without more input
         self._out.append(_GREETING.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
 
     # -- public ------------------------------------------------------------------------------
@@ -239,13 +254,26 @@ class ServerProto:
     def next_event(self) -> Event | None:
         """The next request, or Close (once), or None when more input is needed."""
         while self.closed is None:
+            ev = self.decode_one()
+            if ev is not None or self.need_input:
+                return ev
+        return None
+
+    def decode_one(self) -> Event | None:
+        """Decode at most one message (an option, a request with its payload, or what has
+        arrived of a skipped payload): its event, or None. After None, `need_input` tells
+        whether anything more can be decoded before more input arrives (False: call again)."""
+        self.need_input = False
+        while self.closed is None:
             if self._close_pending is not None:
                 return self._close(self._close_pending)
-            before = (self._pos, self._state)
+            before = (self._pos, self._state, self._skip)
             ev = self._step()
             if ev is not None:
                 return ev
-            if self._close_pending is None and (self._pos, self._state) == before:
+            if self._close_pending is not None:
+                return self._close(self._close_pending)
+            if (self._pos, self._state, self._skip) == before:
                 # Nothing more can be decoded from what is buffered.
                 if self._eof:
                     between = self._avail() == 0 and self._state in (_S_OPTION, _S_REQUEST)
@@ -253,8 +281,18 @@ class ServerProto:
                                              + ("" if between else " in the middle of a message"),
                                              clean=between))
                 self._compact()
+                self.need_input = True
                 return None
+            if self._state == _S_OPTION or self._state == _S_REQUEST:
+                return None  # a message is done (an option answered): that is one
         return None
+
+    def has_output(self) -> bool:
+        return bool(self._out)
+
+    def pending_output(self) -> int:
+        """Bytes queued by the machine and not yet taken with pop_output."""
+        return sum(len(b) for b in self._out)
 
     def pop_output(self) -> list[bytes | memoryview]:
         out, self._out = self._out, []
@@ -303,10 +341,12 @@ class ServerProto:
         return b
 
     def _compact(self) -> None:
+        # Called when what is left is less than one message: dropping the consumed bytes is
+        # cheap then, and keeps the buffer's memory what the transport counts (`buffered`).
         if self._pos >= len(self._in):
-            self._in.clear()
+            self._in = bytearray()
             self._pos = 0
-        elif self._pos > (1 << 20) and self._pos > len(self._in) // 2:
+        elif self._pos:
             del self._in[:self._pos]
             self._pos = 0
 
@@ -362,8 +402,8 @@ class ServerProto:
             assert self._hdr is not None
             _, _, cookie, _, length = self._hdr
             self._state, self._need = _S_REQUEST, _REQUEST.size
-            self._error(cookie, EINVAL, f"write of {length} bytes exceeds the maximum block size "
-                                        f"({MAX_BLOCK} bytes)")
+            self._error(cookie, EINVAL, f"write of {length} bytes exceeds the maximum request size "
+                                        f"({MAX_REQUEST} bytes)")
             return None
         if self._avail() < self._need:
             return None
@@ -425,9 +465,14 @@ class ServerProto:
             if data:
                 self._opt_error(opt, REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
                 return
+            room = MAX_LIST_REPLY
             for e in self.exports:
-                name = e.name.encode()
-                self._opt_reply(opt, REP_SERVER, _U32.pack(len(name)) + name + e.description.encode())
+                name = e.name.encode()[:MAX_STRING]
+                entry = _U32.pack(len(name)) + name + e.description.encode()[:MAX_STRING]
+                room -= _OPT_REPLY.size + len(entry)
+                if room < 0:
+                    break  # bounded reply; the exports left out are still served by name
+                self._opt_reply(opt, REP_SERVER, entry)
             self._opt_reply(opt, REP_ACK)
         elif opt in (OPT_INFO, OPT_GO):
             self._on_info(opt, data)
@@ -491,7 +536,7 @@ class ServerProto:
             return self._close(Close("client sent NBD_CMD_DISC", clean=True))
         self._hdr = (flags, cmd, cookie, offset, length)
         if cmd == CMD_WRITE:
-            if length > MAX_BLOCK:
+            if length > MAX_REQUEST:
                 if length > DOS_PAYLOAD:
                     return self._close(Close(f"write payload of {length} bytes", clean=False))
                 self._state, self._skip = _S_WRITE_SKIP, length
@@ -534,7 +579,7 @@ class ServerProto:
             return (ENOSPC if cmd in (CMD_WRITE, CMD_WRITE_ZEROES) else EINVAL,
                     f"{CMD_NAMES[cmd]} of {length} bytes at {offset} is past the end of "
                     f"{self.export.name if self.export else '?'} ({size} bytes)")
-        if length > MAX_BLOCK and cmd != CMD_TRIM:
-            return EINVAL, f"{CMD_NAMES[cmd]} of {length} bytes exceeds the maximum block size " \
-                           f"({MAX_BLOCK} bytes)"
+        if length > MAX_REQUEST and cmd != CMD_TRIM:
+            return EINVAL, f"{CMD_NAMES[cmd]} of {length} bytes exceeds the maximum request size " \
+                           f"({MAX_REQUEST} bytes)"
         return None

@@ -24,7 +24,9 @@ from typing import Callable
 import pytest
 
 from domains import nbd_proto as P
-from tests.e2e.conftest import BOOT_S, served_by
+from domains.nbd_limits import Limits
+from tests.e2e.conftest import BOOT_S, served_by, wait_until
+from tests.nbd_flood import Prober, memory, summary
 from tests.unit.test_nbd_proto import info_data, opt, req
 from tests.unit.test_nbd_server import Client
 from vmemu.config import nbd_address, nbd_uri
@@ -80,8 +82,10 @@ def test_status_and_lun_list_name_every_uri(cluster):
     for n in (1, 2):
         host, port = nbd_address(cfg, n)  # base + N (the default base: test_cli's story)
         assert host == str(ipaddress.IPv4Address(cfg.nbd_addr_base) + n)
-        assert st.node(f"node{n}")["nbd"] == {"address": host, "port": port,
-                                              "uris": [uri(c, n, 0), uri(c, n, 1)]}
+        nbd = st.node(f"node{n}")["nbd"]
+        assert {k: nbd[k] for k in ("address", "port", "uris")} == {
+            "address": host, "port": port, "uris": [uri(c, n, 0), uri(c, n, 1)]}
+        assert nbd["server"]["connections"] == 0 and nbd["server"]["refused"] == 0
     p = vmemu_cli(c, "lun", "list", "--json")
     assert p.returncode == 0, p.stderr
     rows = json.loads(p.stdout)
@@ -108,7 +112,7 @@ def test_nbdinfo_lists_luns_and_survives_an_unknown_export(cluster):
         assert e["can_flush"] and e["can_fua"] and e["can_trim"] and e["can_zero"]
         assert e["can_multi_conn"] and not e["is_read_only"]
         assert (e["block_size_minimum"], e["block_size_preferred"],
-                e["block_size_maximum"]) == (512, 4096, 32 * MiB)
+                e["block_size_maximum"]) == (512, 4096, MiB)
         assert "served by node1" in e["description"]
     bad = run([nbdinfo, f"nbd://{host}:{port}/nope"])
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
@@ -166,7 +170,7 @@ def test_libnbd_writes_and_reads_match_the_native_protocol(cluster):
     out = json.loads(p.stdout)
     assert out["size"] == 32 * MiB and out["multi_conn"] and out["fua"] and out["trim"]
     assert out["zero"] and out["df"] and out["structured"]
-    assert out["block"] == [512, 4096, 32 * MiB]
+    assert out["block"] == [512, 4096, MiB]  # the advertised maximum (domains/nbd_proto.py)
     assert out["errors"] == {"read_past_end": "EINVAL", "write_past_end": "ENOSPC",
                              "read_too_big": "EINVAL"}
     # The model of what was written, checked through vmemu's own protocol.
@@ -328,7 +332,47 @@ def _closed(sock: socket.socket) -> bool:
         return True
 
 
-def test_raw_protocol_errors_leave_the_server_serving(cluster):
+def _flood_leaves_the_guest_serving(c) -> None:
+    """200 connections that never finish the handshake nor read, then 4 MiB of options
+    without reading (tests/nbd_flood.py, in a process of its own), against a real guest: its
+    RSS grows by less than the stated bound, a client connected before is answered with
+    normal latency throughout, and the guest stays the one serving (its loop never stalled
+    long enough for a takeover)."""
+    host, port = nbd_address(c.control.config, 1)
+    pid = c.status().node("node1")["pid"]
+    prober = Prober((host, port)).start()
+    attack = None
+    try:
+        prober.wait_for(100)
+        base = summary(prober.since(0))
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        before = memory(pid)
+        t_attack = time.monotonic()
+        attack = subprocess.Popen([sys.executable, "-m", "tests.nbd_flood", host, str(port)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        json.loads(attack.stdout.readline())  # every attacker connected and sent
+        prober.wait_for(100)
+        during = summary(prober.since(t_attack))
+        growth = memory(pid)["VmHWM"] - before["VmRSS"]
+        print(json.dumps({"baseline": base, "during": during, "rss_before": before["VmRSS"],
+                          "growth": growth, "bound": Limits().bound()}))
+        assert growth < Limits().bound(), growth
+        # The median, not the maximum: a real guest has pauses of its own (CPs, a loaded host).
+        assert during["median_ms"] < max(50.0, 10 * base["median_ms"]), (base, during)
+    finally:
+        prober.stop()
+        if attack is not None:
+            attack.stdin.close()
+            attack.wait(10)
+    st = c.status().node("node1")
+    assert st["pid"] == pid and st["state"] == "serving" and served_by(c, "node1") == "node1"
+    # The caps engaged, and the status says so (the figures ride on heartbeats).
+    wait_until(lambda: (s := c.status().node("node1")["nbd"]["server"])["refused"]
+               + s["evicted"] >= 200 - Limits().max_handshakes, 10, "the refusals in status")
+
+
+def test_raw_protocol_errors_and_floods_leave_the_server_serving(cluster):
     c = cluster
     host, port = nbd_address(c.control.config, 1)
     pid = c.status().node("node1")["pid"]
@@ -370,6 +414,7 @@ def test_raw_protocol_errors_leave_the_server_serving(cluster):
     assert st["pid"] == pid and st["state"] == "serving"
     with c.client("node1") as blk:
         assert blk.read(0, 0, 4096) == b"\x42" * 4096
+    _flood_leaves_the_guest_serving(c)  # on the same cluster: one boot for both
 
 
 def test_up_refuses_a_taken_nbd_port_in_one_line(tmp_path):

@@ -200,7 +200,7 @@ def test_info_then_go_default_export():
     assert tflags & want == want and not tflags & P.TFLAG_READ_ONLY
     assert not tflags & P.TFLAG_SEND_DF  # only with structured replies
     assert infos[P.INFO_NAME] == b"lun1" and infos[P.INFO_DESCRIPTION] == b"second"
-    assert struct.unpack(">III", infos[P.INFO_BLOCK_SIZE]) == (512, 4096, 32 * MiB)
+    assert struct.unpack(">III", infos[P.INFO_BLOCK_SIZE]) == (512, 4096, MiB)
     assert not m.transmission
     # "" is the default export (lun0); GO without requests still gets EXPORT (and BLOCK_SIZE)
     send(m, w, opt(P.OPT_GO, info_data("", P.INFO_NAME)))
@@ -452,6 +452,32 @@ def test_wrong_read_length_becomes_an_error_reply():
     assert error_of(w, True)[:2] == (P.EIO, 4)
 
 
+def test_decode_one_takes_one_option_at_a_time():
+    m, w = fresh()
+    m.receive_data(struct.pack(">I", 3) + opt(P.OPT_LIST) * 3 + opt(P.OPT_LIST)[:5])
+    assert m.decode_one() is None and not m.need_input  # the client flags
+    for _ in range(3):
+        assert m.decode_one() is None and not m.need_input
+        w.feed(m.data_to_send())
+        while w.opt_reply()[1] != P.REP_ACK:  # one LIST answered, nothing after it
+            pass
+        assert w.empty()
+    assert m.decode_one() is None and m.need_input and m.buffered() == 5
+
+
+def test_list_reply_is_bounded():
+    many = [P.Export(f"lun{i}", MiB, "d" * 200) for i in range(1000)]
+    m, w = fresh(many)
+    send(m, w, struct.pack(">I", 3) + opt(P.OPT_LIST))
+    names = []
+    while (r := w.opt_reply())[1] != P.REP_ACK:
+        names.append(r[2][4:4 + struct.unpack(">I", r[2][:4])[0]])
+    assert 0 < len(names) < 1000 and names == [f"lun{i}".encode() for i in range(len(names))]
+    assert sum(20 + 4 + len(n) + 200 for n in names) <= P.MAX_LIST_REPLY
+    send(m, w, opt(P.OPT_GO, info_data("lun999")))  # left out of the list, still served
+    assert parse_infos(w, P.OPT_GO) and m.transmission
+
+
 # -- fuzz ---------------------------------------------------------------------------------------
 def drain(m: P.ServerProto, b: Backend) -> bytes:
     """Pull every event; answer requests; never raise; return what the machine sent.
@@ -467,7 +493,7 @@ def drain(m: P.ServerProto, b: Backend) -> bytes:
         if ev.cmd != P.CMD_FLUSH:
             assert ev.offset + ev.length <= ev.export.size
         if ev.cmd in (P.CMD_READ, P.CMD_WRITE):
-            assert ev.length <= P.MAX_BLOCK
+            assert ev.length <= P.MAX_REQUEST
         b.serve(m, [ev])
     else:
         raise AssertionError("the machine kept producing events without input")

@@ -40,7 +40,9 @@ def taken_over(hv: Hypervisor) -> float:
 
 
 def first_request(hv: Hypervisor, mono: float) -> None:
+    hv.broker.tokens[2] = "node2-token"  # as if node2 had registered its region
     hv._control(b"peer", codec.Request(1, "event", {"node": 2, "kind": "first_request",
+                                                    "token": "node2-token",
                                                     "fields": {"identity": 1}, "mono": mono}))
 
 

@@ -791,7 +791,8 @@ class Hypervisor:
                 "region": f"{r:#x}" if (r := self.coord.region[n]) else None,
                 "endpoint": self.rundir.identity(n),
                 "nbd": {"address": nbd_address(self.cfg, n)[0], "port": self.cfg.nbd_port,
-                        "uris": [nbd_uri(self.cfg, n, lun) for lun in lun_ids]},
+                        "uris": [nbd_uri(self.cfg, n, lun) for lun in lun_ids],
+                        "server": st.get("nbd")},  # this domain's NBD service: counts, bytes held
                 "storage": storage,
                 "cp": st.get("cp"),
                 "cp_stalls": st.get("cp_stalls"),
