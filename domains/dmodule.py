@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import mmap
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,10 @@ CP_RETRY_MAX_S = 8.0
 DEDUP_PER_CLIENT = 8192
 DEDUP_CLIENTS = 1024
 CARRY_PER_CLIENT = 1024  # how much of the table survives a CP, per client
+# A deliberately broken build, for showing that the chaos checker catches a lost write: with
+# VMEMU_BREAK=unlogged_ack in its environment a guest acknowledges writes it never put in
+# NVRAM (a takeover then cannot replay them). The guest says so in an event at boot.
+BROKEN_UNLOGGED_ACK = os.environ.get("VMEMU_BREAK") == "unlogged_ack"
 LOAD_PAIRS = 65536  # the most pairs taken from one table record (a carry holds <= 32768)
 
 
@@ -213,6 +218,10 @@ class DModule:
             return 0
         if not self.log.fits(len(data)):
             self._make_room(len(data))
+        if BROKEN_UNLOGGED_ACK:  # the chaos checker's test: acknowledged, never logged
+            served.cache.write(lun_index, offset, data)
+            self.ops += 1
+            return 0
         seq = self.log.append(F.lun_gid(identity, lun_index), offset, data, client, request)
         self._replicate()
         served.cache.write(lun_index, offset, data)
@@ -351,6 +360,8 @@ class DModule:
         self.writes_since_cp = 0
         job = CpJob(reason, t0, last_seq, frozen, snapshot, switched, background)
         self.cp_job = job
+        if background:  # a CP under way is a phase a failure can hit (vmemu chaos kill_in_cp)
+            self.emit("cp_started", {"reason": reason, "switched": switched}, t0)
         if background:
             threading.Thread(target=self._run_cp, args=(job,), name="cp", daemon=True).start()
         else:

@@ -130,6 +130,8 @@ class Guest:
             raise NotGranted(reply.get("error", {}).get("message", "registration refused"))
         # What proves our reports (heartbeats, events) come from this incarnation.
         self.token = self.monitor.token = str(reply.get("token", ""))
+        if os.environ.get("VMEMU_BREAK"):  # never silently: see domains/dmodule.py
+            self._event("broken_build", {"break": os.environ["VMEMU_BREAK"][:64]})
         # The hypervisor now holds the region; our descriptor is no longer needed (the mapping
         # stays), and dropping it means nothing in this process can reopen the memory.
         os.close(self.region_fd)
