@@ -331,9 +331,11 @@ def test_unknown_blocks_do_not_hide_invalid_ones() -> None:
     assert v.valid is False and v.unknown_blocks == ["b"] and v.exit_code() == 1
 
 
-def test_a_valid_history_with_many_processes_on_one_block_is_decided() -> None:
+def test_a_valid_history_with_many_processes_on_one_block_is_decided_in_linear_room() -> None:
+    # the prunings keep the search to about two memoised configurations an op (a count, not a
+    # time, so this holds on a loaded machine); without them it needs dozens
     ops = simulate(3000, processes=20, hot=1, hot_share=1.0, seed=7)
-    assert check(ops).valid is True
+    assert check(ops, max_states=4 * len(ops)).valid is True
 
 
 def test_a_corrupted_synthetic_history_is_caught() -> None:

@@ -9,6 +9,15 @@ int used as a bitset, keeps the search from exploring the same configuration twi
 algorithm Porcupine implements; the entries live here in two int arrays (next, prev) instead of
 node objects because that is what CPython walks fastest.
 
+Two prunings, both exact for a register, make it usable in Python on blocks with thousands of
+ops and tens of concurrent processes (without them a 20k-op block of 10 processes is out of reach
+within 10 s; with them it takes well under one):
+  * a pending read that returns the current state is linearized at once, with no alternative
+    tried: every op that must precede it already is, and it leaves the state as it was, so
+    if any linearization exists one exists with the read here;
+  * a write may not overwrite a value that still has reads to linearize and no writer left
+    to bring it back: those reads could never be linearized.
+
 Semantics of the ops given (see `prepare`):
   * a failed write is dropped (definitely not applied), as are failed and info reads (they
     constrain nothing);
