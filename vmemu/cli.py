@@ -21,7 +21,7 @@ from rich.table import Table
 from vmemu import datadir
 from vmemu.cluster import Control, Status, launch, wait_for, wait_started
 from storage import loopdev
-from vmemu import cli_storage
+from vmemu import cli_chaos, cli_storage
 from vmemu.config import ClusterConfig
 from vmemu.errors import BadRequest, VmemuError
 from vmemu.hypervisor.events import read_events
@@ -540,6 +540,7 @@ def demo(scenario: str, step_mode: bool, speed: float, fast: bool, plot: str,
 
 
 cli_storage.register(cli)
+cli_chaos.register(cli)
 
 
 def main() -> None:
