@@ -65,6 +65,7 @@ class Nemesis:
         self.tail = EventTail(cluster.dir / "events.jsonl")
         self.tail.new()  # from here on
         self.nodes = cluster.control.config.nodes
+        self.pids_before: dict[str, int | None] = {}
         self.topology = cluster.control.config.topology
 
     # -- what the cluster looks like -------------------------------------------------------
@@ -104,6 +105,7 @@ class Nemesis:
                 or not st.all_serving():
             return {"skipped": f"{f.target} is {node['state']}, the cluster not all serving"}
         self.tail.new()  # only events after the fault count as its triggers
+        self.pids_before = {n["name"]: n["pid"] for n in st.nodes}
         do = getattr(self, f"_{f.kind}")
         return do(f, int(node["pid"]))
 
@@ -146,7 +148,8 @@ class Nemesis:
             os.kill(pid, signal.SIGCONT)
         except ProcessLookupError:
             pass
-        return {"paused": f.target, "pid": pid, "mono": t, "fenced_while_stopped": fenced}
+        return {"paused": f.target, "pid": pid, "mono": t, "fenced_while_stopped": fenced,
+                "killed": [f.target] if fenced else []}
 
     def _kill_pair(self, f: Fault, pid: int) -> dict[str, Any]:
         p = self.partner(f.target)
@@ -222,10 +225,18 @@ class Nemesis:
                 "late_ms": round((time.monotonic() - float(ev["mono"])) * 1000, 1)}
 
     # -- healing ---------------------------------------------------------------------------
-    def heal(self, timeout: float = BOOT_S + 60) -> dict[str, Any]:
-        """Every node up and serving its own identity again; how long that took."""
+    def heal(self, gone: list[str] = (), timeout: float = BOOT_S + 60) -> dict[str, Any]:
+        """Every node up and serving its own identity again; how long that took.
+
+        `gone`: the nodes the fault killed (or had fenced). Their death is seen first (their
+        pid is no longer the one they had), or a cluster that has not yet noticed a kill
+        would look healed already."""
         t0 = time.monotonic()
         end = t0 + timeout
+        for name in gone:
+            old = self.pids_before.get(name)
+            self.wait(lambda st: st.node(name)["pid"] != old, self.detection_s * 4 + 10,
+                      f"{name} (pid {old}) to be seen gone")
         restarted: list[str] = []
         asked: dict[str, float] = {}  # node -> when its giveback was last asked for
         while self.alive() and time.monotonic() < end:

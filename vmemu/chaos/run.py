@@ -127,7 +127,7 @@ def run(spec: RunSpec, out: Path, schedule: Schedule | None = None,
                 try:
                     rec.update(nem.apply(f))
                     if "skipped" not in rec:
-                        rec.update(nem.heal())
+                        rec.update(nem.heal(rec.get("killed", [])))
                 except Exception as exc:  # noqa: BLE001 - recorded; the run's verdict says it
                     rec["error"] = f"{type(exc).__name__}: {exc}"
                     nemesis_error.append(rec["error"])
