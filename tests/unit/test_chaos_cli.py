@@ -50,7 +50,7 @@ def test_invalid_history_exits_1_and_names_the_anomaly(tmp_path: Path) -> None:
     assert (verdict["valid"], verdict["blocks"], verdict["ops"]) == (False, 1, 3)
     (a,) = verdict["anomalies"]
     assert a["kind"] == "lost" and a["block"] == "n1/lun0/0"
-    assert [op["line"] for op in a["ops"]] == [5, 1, 3]  # the read, a, then b
+    assert [op["line"] for op in a["ops"]] == [3, 1, 5]  # b (lost), a, then the read
 
 
 def test_out_of_budget_exits_2(tmp_path: Path) -> None:

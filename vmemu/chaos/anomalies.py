@@ -20,7 +20,9 @@ completed before time began). Reads of a value with several writers are left to 
   nonlinearizable  none of the above, but the search found no order: `shrink` reduces the
                block's ops to a small set that still cannot be ordered.
 
-Which W is named: the latest-invoked write that qualifies (the one R most plainly missed).
+Which W is named: the latest-invoked write that qualifies (the one R most plainly missed). A
+lost write is reported once, with the first read that showed it lost; each stale read is its
+own anomaly.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ def named_anomalies(block: str, ops: Sequence[Op], initial: str | None) -> tuple
         return k < len(seen_invokes) and seen_invokes[k] < before
 
     found: dict[str, list[Anomaly]] = {k: [] for k in KINDS}
+    lost: set[int] = set()  # indexes of the writes found lost
     for r in reads:
         assert r.complete is not None
         src = source(r.value)
@@ -123,13 +126,17 @@ def named_anomalies(block: str, ops: Sequence[Op], initial: str | None) -> tuple
         older = "the initial value" if src is None else f"the value of {describe(src)}"
         w_call, w = _latest_before(acked, r.invoke)
         if w is not None and w_call > v_end:
-            kind = "stale" if any_seen(v_end, r.invoke) else "lost"
-            why = ("no read ever returned a value written in between" if kind == "lost"
-                   else "a read did see newer data")
             ops_ = (r, w) if src is None else (r, src, w)
-            found[kind].append(Anomaly(block, kind, ops_,
-                                       f"{describe(r)} returned {older} although the newer "
-                                       f"{describe(w)} completed first; {why}"))
+            if any_seen(v_end, r.invoke):
+                found["stale"].append(Anomaly(
+                    block, "stale", ops_, f"{describe(r)} returned {older} although the newer "
+                    f"{describe(w)} had completed before it was invoked"))
+            elif w.index not in lost:  # one anomaly a lost write, however many reads show it
+                lost.add(w.index)
+                found["lost"].append(Anomaly(
+                    block, "lost", (w, r) if src is None else (w, src, r),
+                    f"{describe(w)} completed, then {describe(r)} returned {older}, and no "
+                    "read ever returned anything written in between"))
             continue
         o_call, r2 = _latest_before(observed, r.invoke)
         if r2 is not None and o_call > v_end:

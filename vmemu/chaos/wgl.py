@@ -29,7 +29,7 @@ Semantics of the ops given (see `prepare`):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from vmemu.chaos.history import Op
 
@@ -42,8 +42,7 @@ class OutOfBudget(Exception):
     """The search ran out of time or of room for its cache: no verdict."""
 
 
-@dataclass(frozen=True, slots=True)
-class Interval:
+class Interval(NamedTuple):
     """An op as the search sees it: when it may take effect, and what it does."""
 
     call: int
