@@ -514,8 +514,8 @@ def verify(obj: Ctx, journal: str, target: str | None, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("scenario", type=click.Choice(["failover", "hang", "double-failure", "ring"]),
-                default="failover")
+@click.argument("scenario", type=click.Choice(["failover", "hang", "double-failure", "ring",
+                                               "chaos"]), default="failover")
 @click.option("--step", "step_mode", is_flag=True, help="Wait for Enter between steps (lectures).")
 @click.option("--speed", default=1.0, show_default=True,
               help="Slow heartbeats, CPs and pauses down by this factor so people can follow.")
@@ -532,6 +532,12 @@ def demo(scenario: str, step_mode: bool, speed: float, fast: bool, plot: str,
     if not 0.1 <= speed <= 20:
         raise BadRequest("--speed must be between 0.1 and 20")
     console.print(f"[bold]vmemu demo {scenario}[/]: a cluster of its own, narrated as it runs")
+    if scenario == "chaos":  # a seeded chaos run and the checker's verdict, as a lesson
+        from vmemu.chaos.lesson import lesson_failed, run_lesson
+
+        if lesson_failed(run_lesson(console, fast=fast)):
+            sys.exit(1)
+        return
     lines = run_demo(scenario, fast=fast, speed=speed, step_mode=step_mode, console=console,
                      plot=Path(plot) if plot else None)
     if transcript:

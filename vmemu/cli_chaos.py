@@ -10,6 +10,7 @@ import click
 
 from vmemu.chaos.checker import DEFAULT_BUDGET, check
 from vmemu.chaos.history import HistoryError, load_path
+from vmemu.chaos.schedule import DEFAULT_KINDS
 
 BAD_INPUT = 3
 
@@ -29,6 +30,29 @@ class _Command(click.Command):
             raise
 
 
+class _Group(click.Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            exc.exit_code = BAD_INPUT
+            raise
+
+
+RUN_HELP = """Chaos runs: a fresh cluster, concurrent clients, seeded faults, a verdict.
+
+\b
+  vmemu chaos --seed 42 --duration 20s                   one run
+  vmemu chaos --runs 1000 --seed 1 --jobs 2 --out runs/  a campaign
+  vmemu chaos --replay runs/seed-1234 --out again/       the same schedule again
+  vmemu chaos --shrink runs/seed-1234                    a smaller schedule that fails
+  vmemu chaos check runs/seed-1234/history.jsonl         the checker alone
+
+\b
+Exit status: 0 every run linearizable; 1 a run failed (not linearizable, unknown, or a
+fault its cluster did not heal from); 3 bad input.
+"""
+
 CHECK_HELP = """Check HISTORY (JSON lines, one op event a line) for per-block linearizability.
 
 \b
@@ -41,9 +65,41 @@ Exit status:
 
 
 def register(cli: click.Group) -> None:
-    @cli.group()
-    def chaos() -> None:
-        """Chaos campaign: check recorded histories of block reads and writes."""
+    @cli.group(invoke_without_command=True, cls=_Group, help=RUN_HELP)
+    @click.option("--seed", type=click.IntRange(0, 2**62), default=None,
+                  help="The run's seed (a campaign: the first seed). Default: drawn, printed.")
+    @click.option("--duration", default="20s", show_default=True,
+                  help="How long the clients run, e.g. 20s, 2m (healing may add to it).")
+    @click.option("--runs", type=click.IntRange(1, 1_000_000), default=1, show_default=True)
+    @click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True,
+                  help="Runs at a time, each with a cluster of its own.")
+    @click.option("--out", type=click.Path(file_okay=False), default=None,
+                  help="Where runs go (default: ./chaos-runs/<seed>).")
+    @click.option("--nodes", type=click.IntRange(2, 16), default=2, show_default=True)
+    @click.option("--faults", "kinds", default=",".join(DEFAULT_KINDS), show_default=True,
+                  help="Fault kinds to draw from, comma-separated (see docs/chaos.md).")
+    @click.option("--replay", type=click.Path(file_okay=False, exists=True), default=None,
+                  help="Run a recorded run's schedule again (its seed, faults and workload).")
+    @click.option("--shrink", type=click.Path(file_okay=False, exists=True), default=None,
+                  help="Find a smaller schedule that still fails, from a failing run.")
+    @click.option("--budget", type=click.FloatRange(min=0, min_open=True),
+                  default=DEFAULT_BUDGET, show_default=True,
+                  help="The checker's seconds per block before it says unknown.")
+    @click.option("--json", "as_json", is_flag=True, help="Print the result (or the "
+                  "campaign summary) as JSON.")
+    @click.option("--broken", type=click.Choice(["unlogged_ack"]), default=None, hidden=True,
+                  help="Run a deliberately broken build (the checker's own test).")
+    @click.pass_context
+    def chaos(ctx: click.Context, seed: int | None, duration: str, runs: int, jobs: int,
+              out: str | None, nodes: int, kinds: str, replay: str | None, shrink: str | None,
+              budget: float, as_json: bool, broken: str | None) -> None:
+        if ctx.invoked_subcommand is not None:
+            return
+        from vmemu.chaos import cli_run
+
+        sys.exit(cli_run.main(seed=seed, duration=duration, runs=runs, jobs=jobs, out=out,
+                              nodes=nodes, kinds=kinds, replay=replay, shrink=shrink,
+                              budget=budget, as_json=as_json, broken=broken or ""))
 
     @chaos.command("check", cls=_Command, help=CHECK_HELP)
     @click.argument("history", type=click.Path(dir_okay=False))

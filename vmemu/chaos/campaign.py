@@ -83,8 +83,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
             faults[k] = faults.get(k, 0) + n
         ops += sum((r.get("ops") or {}).values())
     return {"runs": len(results),
-            "valid": sum(1 for r in results if r["valid"] is True and not failed(r)
-                         or r["valid"] is True and not r.get("nemesis_error")),
+            "valid": sum(1 for r in results if not failed(r)),
             "invalid": sum(1 for r in results if r["valid"] is False),
             "unknown": sum(1 for r in results if r["valid"] == "unknown"),
             "nemesis_errors": sum(1 for r in results if r.get("nemesis_error")),

@@ -83,6 +83,7 @@ def run(spec: RunSpec, out: Path, schedule: Schedule | None = None,
     sched = schedule or sched_mod.generate(spec.seed, spec.duration, spec.nodes, spec.kinds,
                                            spec.gap_s)
     sched_mod.save(sched, out / "schedule.json")
+    (out / "spec.json").write_text(json.dumps(asdict(spec), indent=1) + "\n")  # for --replay
     history = History()
     log = _Log(out / "faults.jsonl")
     stop_clients = threading.Event()

@@ -44,7 +44,8 @@ def plot(ops: list[dict[str, Any]], faults: list[dict[str, Any]], events_path: P
     ax.set_yticks(range(len(idents)), idents)
     ax.set_ylim(-0.6, len(idents) - 0.3)
     ax.set_xlabel("seconds since the clients started (dotted: failure, takeover, giveback, CP)")
-    ax.legend(loc="upper right", fontsize=7, markerscale=4, ncols=5)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), fontsize=7, markerscale=4,
+              ncols=5, frameon=False)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
