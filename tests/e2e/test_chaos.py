@@ -1,0 +1,101 @@
+"""vmemu chaos end to end: real clusters, real clients, real faults, the checker's verdict.
+
+Short runs (a few seconds of clients, one or two faults each): the campaign's machinery and
+the verdict's power to fail are what is tested here; the long campaigns are for users.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def chaos(tmp_path: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vmemu.cli", "chaos", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_broken_build_that_acknowledges_unlogged_writes_is_judged_not_linearizable(tmp_path):
+    """The checker must be able to fail: a guest that acknowledges writes it never put in
+    NVRAM loses them at a takeover, and the run says so, naming the reads that missed them."""
+    p = chaos(tmp_path, "--seed", "3", "--duration", "6s", "--faults", "kill",
+              "--broken", "unlogged_ack", "--json", "--out", "runs")
+    assert p.returncode == 1, p.stderr
+    res = json.loads(p.stdout)
+    assert res["valid"] is False and res["faults"] == {"kill": 1} and res["broken"]
+    run = tmp_path / "runs" / "seed-3"
+    verdict = json.loads((run / "verdict.json").read_text())
+    kinds = {a["kind"] for a in verdict["anomalies"]}
+    assert kinds & {"lost", "stale"}, kinds
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    assert any(e["kind"] == "broken_build" for e in events)  # never silently broken
+    assert (run / "cluster").is_dir()  # a failing run keeps everything
+    # and the checker alone agrees, on the file
+    p2 = subprocess.run([sys.executable, "-m", "vmemu.cli", "chaos", "check",
+                         str(run / "history.jsonl")], capture_output=True, text=True)
+    assert p2.returncode == 1 and "NOT linearizable" in p2.stdout
+
+
+def test_a_run_through_a_phase_fault_is_linearizable_and_replays_the_same_schedule(tmp_path):
+    p = chaos(tmp_path, "--seed", "11", "--duration", "8s",
+              "--faults", "kill_in_replay,pause_long", "--json", "--out", "runs")
+    assert p.returncode == 0, p.stdout + p.stderr
+    res = json.loads(p.stdout)
+    assert res["valid"] is True and sum(res["faults"].values()) == 1, res
+    assert res["ops"]["ok"] > 100
+    run = tmp_path / "runs" / "seed-11"
+    for name in ("schedule.json", "spec.json", "history.jsonl", "verdict.json",
+                 "events.jsonl", "faults.jsonl", "result.json", "timeline.png"):
+        assert (run / name).stat().st_size > 0, name
+    assert not (run / "cluster").exists()  # a passing run keeps only its record
+    applied = [json.loads(x) for x in (run / "faults.jsonl").read_text().splitlines()]
+    assert applied[0].get("trigger") in (None, "partner_alerted")
+    p = chaos(tmp_path, "--replay", str(run), "--json", "--out", "again")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert json.loads((tmp_path / "again" / "schedule.json").read_text()) == \
+        json.loads((run / "schedule.json").read_text())
+    again = [json.loads(x) for x in (tmp_path / "again" / "faults.jsonl").read_text()
+             .splitlines()]
+    assert [(a["kind"], a["target"]) for a in again] == \
+        [(a["kind"], a["target"]) for a in applied]
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--faults", "nuke"], "unknown fault kind nuke"),
+    (["--duration", "soon"], "is not a duration"),
+    (["--replay", "."], "not a chaos run directory"),
+    (["--runs", "0"], "--runs"),
+])
+def test_chaos_cli_mistakes_are_one_line_and_exit_3(tmp_path, args, says):
+    p = chaos(tmp_path, *args, timeout=60)
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert says in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_a_campaign_runs_its_seeds_in_parallel_and_sums_them_up(tmp_path):
+    p = chaos(tmp_path, "--runs", "2", "--jobs", "2", "--seed", "20", "--duration", "3s",
+              "--faults", "pause_short", "--json", "--out", "camp")
+    assert p.returncode == 0, p.stdout + p.stderr
+    s = json.loads(p.stdout)
+    assert (s["runs"], s["valid"], s["invalid"], s["unknown"], s["failing_seeds"]) == \
+        (2, 2, 0, 0, [])
+    assert s["ops"] > 100
+    assert json.loads((tmp_path / "camp" / "summary.json").read_text())["runs"] == 2
+    assert {d.name for d in (tmp_path / "camp").iterdir() if d.is_dir()} == \
+        {"seed-20", "seed-21"}
+
+
+def test_the_chaos_demo_tells_its_faults_and_its_verdict(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "vmemu.cli", "demo", "chaos", "--fast"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = " ".join(p.stdout.split())
+    assert "kill_in_replay node2" in out and "Verdict: linearizable" in out
+    assert "fenced while stopped" in out
