@@ -23,7 +23,7 @@ from vmemu.cluster import Control, Status, launch, wait_for, wait_started
 from storage import loopdev
 from vmemu import cli_chaos, cli_storage
 from vmemu.config import ClusterConfig
-from vmemu.errors import BadRequest, VmemuError
+from vmemu.errors import BadRequest, InvalidState, VmemuError
 from vmemu.hypervisor.events import read_events
 from vmemu.privfs import set_umask
 
@@ -429,7 +429,14 @@ def giveback(obj: Ctx, node: str, timeout: float) -> None:
     """Return a node's identity and disks from its partner now."""
     ctl = obj.control()
     ctl.call("giveback", {"node": node})
-    wait_for(ctl, lambda s: s.node(node)["identity_served_by"] == node, timeout, f"giveback of {node}")
+    # Done when it serves its identity, or over when it died meanwhile (the cluster has
+    # already moved on: waiting out the timeout would only hide that).
+    st = wait_for(ctl, lambda s: s.node(node)["identity_served_by"] == node
+                  or s.node(node)["state"] in ("down", "stopped"), timeout, f"giveback of {node}")
+    n = st.node(node)
+    if n["identity_served_by"] != node:
+        raise InvalidState(f"{node} went {n['state']} during the giveback; its identity is "
+                           f"served by {n['identity_served_by'] or 'nobody'}")
     click.echo(f"vmemu: {node} serves its identity again")
 
 

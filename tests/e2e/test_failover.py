@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,6 +103,20 @@ def test_giveback_returns_identity_and_every_write(make_cluster):
             assert b.read(1, i * 8192, 8192) == bytes([i + 1]) * 8192
     kinds = [e["kind"] for e in c.events()]
     assert "giveback_started" in kinds and "released" in kinds
+    # A giveback whose receiver dies meanwhile: `vmemu giveback` says so as soon as the
+    # cluster knows, instead of waiting out its timeout for a state that will not come.
+    c.crash("node1")
+    c.wait_for(lambda s: s.node("node1")["identity_served_by"] == "node2", 20, "takeover")
+    c.restart("node1")
+    c.wait_for(lambda s: s.node("node1")["state"] == "up", BOOT_S, "node1 to boot")
+    c.crash("node1", hang=True)  # stopped: it will never take its identity back
+    p = subprocess.run([sys.executable, "-m", "vmemu.cli", "giveback", "node1", "--timeout",
+                        "300"], env=dict(os.environ, VMEMU_DATA_DIR=str(c.dir)),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 1 and "during the giveback" in p.stderr, p.stdout + p.stderr
+    assert "timed out" not in p.stderr
+    c.wait_for(lambda s: s.node("node1")["identity_served_by"] == "node2", 20,
+               "node2 to serve node1's identity again")
 
 
 def test_automatic_giveback_after_the_configured_delay(make_cluster):
