@@ -91,6 +91,9 @@ def cli(ctx: click.Context, data_dir: str | None) -> None:
 @click.option("--ha-mode", type=click.Choice(["shm", "mirror", "none"]), default="shm",
               show_default=True, help="shm: partner maps the NVLog (the patent); mirror: every "
               "record copied to the partner before the ack; none: no NVRAM, fdatasync per write.")
+@click.option("--mirror-resync-rate", default=0.0, show_default=True,
+              help="--ha-mode mirror: MiB/s at most for copying the log to a partner that "
+              "(re)joins, in the background (0: no cap).")
 @click.option("--nvram-placement", type=click.Choice(["own", "mediator"]), default="own",
               show_default=True, help="own: each guest allocates its NVRAM region; mediator: a "
               "third domain allocates every region, handed out by Domain 0.")
@@ -109,7 +112,8 @@ def up(obj: Ctx, nodes: int, topology: str, detach: bool, heartbeat_ms: int, hea
        luns: int,
        grant_mode: str,
        ha_mode: str, giveback_delay: float, cp_interval: float, timeout: float,
-       nbd_port: int = 10809, nbd_addr: str = "127.0.10.0", nvram_placement: str = "own") -> None:
+       nbd_port: int = 10809, nbd_addr: str = "127.0.10.0", nvram_placement: str = "own",
+       mirror_resync_rate: float = 0.0) -> None:
     """Start a cluster (foreground with a live view; Ctrl-C stops it cleanly)."""
     cfg = ClusterConfig(nodes=nodes, topology=topology, heartbeat_ms=heartbeat_ms,
                         heartbeat_misses=heartbeat_misses, nvram_mb=nvram_mb, disks=disks,
@@ -119,7 +123,8 @@ def up(obj: Ctx, nodes: int, topology: str, detach: bool, heartbeat_ms: int, hea
                         nvlog_compress="" if nvlog_compress == "none" else nvlog_compress,
                         ha_mode=ha_mode, nvram_placement=nvram_placement,
                         giveback_delay_s=giveback_delay,
-                        cp_interval_s=cp_interval, nbd_port=nbd_port, nbd_addr_base=nbd_addr)
+                        cp_interval_s=cp_interval, nbd_port=nbd_port, nbd_addr_base=nbd_addr,
+                        mirror_resync_mb_s=mirror_resync_rate)
     if disk_backend == "loop":
         ok, why = loopdev.available()
         if not ok:  # before anything is made: nothing changes

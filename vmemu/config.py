@@ -38,6 +38,7 @@ class ClusterConfig:
     nvram_placement: str = "own"  # own: each guest allocates its region; mediator: a third domain does
     nbd_addr_base: str = "127.0.10.0"  # node N serves NBD on base + N (127.0.10.N)
     nbd_port: int = 10809  # 0: the hypervisor picks a free port at boot (cluster.json has the real one)
+    mirror_resync_mb_s: float = 0.0  # --ha-mode mirror: resync bandwidth cap (0: none)
     cluster_id: str = field(default_factory=lambda: secrets.token_hex(4))
 
     def __post_init__(self) -> None:
@@ -80,6 +81,8 @@ class ClusterConfig:
             raise BadRequest("stall limit must be positive")
         if self.cp_interval_s <= 0:
             raise BadRequest("CP interval must be positive")
+        if not 0 <= self.mirror_resync_mb_s <= 1 << 20:
+            raise BadRequest("mirror resync rate must be between 0 (no cap) and 1048576 MB/s")
         if not 0 <= self.nbd_port <= 65535:
             raise BadRequest(f"NBD port {self.nbd_port} is not between 0 and 65535 (0: any free port)")
         try:
