@@ -158,6 +158,9 @@ class DModule:
         self.region_id = region_id
         self.ha_mode = ha_mode
         self.mirror = mirror  # domains.mirror.MirrorSender in --ha-mode mirror
+        # The transports hold every reply until ack_gate.releasable(its ticket): in mirror
+        # mode, until the partner holds what was logged before it (domains/mirror_link.py).
+        self.ack_gate = mirror
         self.log = TwoHalfLog(region, track_spans=mirror is not None, compress=compress)
         self.served: dict[int, Served] = {}
         self.dedup = ExactlyOnce()
@@ -457,10 +460,12 @@ class DModule:
         return info
 
     def _replicate(self) -> None:
+        # Only noted here: the loop sends one turn's spans in one batch (group commit), and
+        # the transports hold the acknowledgements until the partner has them.
         if self.mirror is not None:
             spans = self.log.drain_spans()
             if spans:
-                self.mirror.send(spans)
+                self.mirror.add_spans(spans)
 
     def _carry_dedup(self) -> None:
         limit = max(0, (self.log.capacity // 8 - F.record_size(0)) // 16)

@@ -79,9 +79,10 @@ class Guest:
             self.mirror_rx = MirrorReceiver(self.ctx, self.rundir.mirror(node),
                                             len(self.region), owners)
             self.mirror_rx.start()
-            self.mirror_tx = MirrorSender(self.ctx, self.rundir, node,
-                                          partner_of(node, self.cfg.nodes, self.cfg.topology),
-                                          self.region_id, self.region, self._mirror_state)
+            self.mirror_tx = MirrorSender(
+                self.ctx, self.rundir, node, partner_of(node, self.cfg.nodes, self.cfg.topology),
+                self.region_id, self.region, info["control"], lambda: self.token,
+                self._log_used, rate=self.cfg.mirror_resync_mb_s * (1 << 20))
         self.dmodule = DModule(node, data_dir, self.cfg.disks, self.region, self.region_id,
                                self._emit_cp, self.cfg.ha_mode, self.mirror_tx,
                                raid=self.cfg.raid, default_luns=self.cfg.luns,
@@ -149,15 +150,9 @@ class Guest:
             peer = self.peers[owner] = RpcClient(self.ctx, self.rundir.guest(owner))
         peer.notify("mirror_request", {"region": region})
 
-    def _mirror_state(self, in_sync: bool) -> None:
-        """Tell Domain 0, before any further write is acknowledged, whether our partner's copy
-        is complete: a takeover may replay that copy only if it is."""
-        try:
-            self.uplink.call("mirror_state", {"node": self.node, "region": self.region_id,
-                                              "in_sync": in_sync, "token": self.token},
-                             timeout=5.0)
-        except VmemuError:
-            pass
+    def _log_used(self) -> int:
+        """Bytes of our region a resync copies: up to the end of the later log half in use."""
+        return max(h.log_off + h.used for h in self.dmodule.log.halves)
 
     def _map_region(self, region: int, owner: int) -> mmap.mmap:
         if region in self.monitor.mapped:
@@ -238,7 +233,8 @@ class Guest:
                 "storage": {str(i): d.storage_summary(i) for i in d.served},
                 "cp": d.last_cp_info or None, "cp_stalls": d.cp_stalls,
                 "cp_failing": d.cp_failing, "cp_failures": d.cp_failures,
-                "nbd": self.nbd.summary()}
+                "nbd": self.nbd.summary(),
+                "mirror": self.mirror_tx.stats() if self.mirror_tx is not None else None}
 
     # -- hypervisor requests -----------------------------------------------------------------
     def _control(self, req: codec.Request) -> Any:
@@ -257,8 +253,8 @@ class Guest:
         if req.op == "mirror_request":
             region = codec.int_arg(req, "region", 1, codec.U63)
             if self.mirror_tx is not None and region == self.region_id:
-                log = self.dmodule.log  # both halves: copy up to the end of the later one in use
-                self.mirror_tx.sync(used=max(h.log_off + h.used for h in log.halves))
+                # In the background, over the next loop turns (domains/mirror_link.py).
+                self.mirror_tx.request_resync(time.monotonic())
             return {}
         if req.op == "probe_write":
             return self._probe_write(codec.arg(req, "region", int))
@@ -338,12 +334,17 @@ class Guest:
         chain_raw = codec.arg(req, "chain", list)
         if ident in self.dmodule.served:
             raise InvalidState(f"node{self.node} already serves node{ident}")
+        if self.mirror_tx is not None and reason == "takeover" and ident == self.mirror_tx.partner:
+            # Our partner is dead (fenced): stop waiting for its answers now, not at the
+            # mirror's deadline; Domain 0 hears in_sync=false before the replay below ends.
+            self.mirror_tx.partner_gone(time.monotonic())
         chain = []
         for item in chain_raw:
             region, owner = int(item[0]), int(item[1])
             mirrored = bool(item[2]) if len(item) > 2 else False
             live = bool(item[3]) if len(item) > 3 else False
-            copy = self.mirror_rx.copy_of(region) if self.mirror_rx is not None and mirrored else None
+            copy = self.mirror_rx.take_copy(region) if self.mirror_rx is not None and mirrored \
+                else None
             if region == self.region_id:
                 chain.append((region, None, owner, live))
             elif copy is not None:
@@ -379,6 +380,7 @@ class Guest:
         sys.setswitchinterval(0.001)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; Dom0 decides
         self.bg_busy = False
+        mirror = self.mirror_tx
         while not self.stop:
             now = time.monotonic()
             if now < self.stalled_until:
@@ -395,8 +397,19 @@ class Guest:
                 poller.register(s, zmq.POLLIN)
             for fd, events in self.nbd.poll_fds().items():
                 poller.register(fd, events)
-            timeout = max(0.0, min(now + 0.1, self.next_cp) - now)
-            ready = dict(poller.poll(0 if self.nbd.busy() or self.bg_busy else int(timeout * 1000) + 1))
+            wake = min(now + 0.1, self.next_cp)
+            busy = self.nbd.busy() or self.bg_busy
+            if mirror is not None:
+                for s in mirror.sockets():
+                    poller.register(s, zmq.POLLIN)
+                due = mirror.next_wakeup()
+                wake = wake if due is None else min(wake, due)
+                busy = busy or mirror.busy()
+            timeout = max(0.0, wake - now)
+            ready = dict(poller.poll(0 if busy else int(timeout * 1000) + 1))
+            if mirror is not None:  # the partner's answers first: they release held replies
+                mirror.on_ready(time.monotonic())
+                self._release_gated()
             if self.control.sock in ready:
                 self._drain_control()
             for s, ident in ident_socks.items():
@@ -417,11 +430,20 @@ class Guest:
                 lost = self.dmodule.storage_lost()
                 if lost is not None:  # end this incarnation: the partner replays our log
                     raise SystemExit(f"node{self.node}: {lost}; stopping for a takeover")
+            if mirror is not None:
+                # This turn's spans in one batch (group commit), a resync chunk, deadlines.
+                mirror.end_turn(time.monotonic())
+                self._release_gated()
             # A slice of reconstruction, never beside a running CP (both write the stripes).
             self.bg_busy = not self.dmodule.cp_running() and self.dmodule.background_work()
             now = time.monotonic()
             if now >= self.next_cp or self.dmodule.log_fill() >= HALF_FULL:
                 self._cp("timer" if now >= self.next_cp else "log_half_full")
+
+    def _release_gated(self) -> None:
+        """Replies the mirror now allows out (acknowledged by the partner, or degraded)."""
+        self.nmodule.release()
+        self.nbd.release(time.monotonic())
 
     def _cp(self, reason: str) -> None:
         """Start a CP in the background (writes go on into the other log half meanwhile)."""

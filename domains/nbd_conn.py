@@ -55,6 +55,10 @@ class Conn(RequestRunner):
         self.log = log or (lambda msg: None)
         self.jobs: deque[Job] = deque()
         self.out: deque[memoryview] = deque()
+        # --ha-mode mirror: replies not yet allowed out, with their tickets (see `release`);
+        # counted in out_held like `out`. None of them is the peer's to read yet.
+        self.gate = getattr(dmodule, "ack_gate", None)
+        self.held: deque[tuple[int, memoryview]] = deque()
         # Bytes in `out` (with _PIECE_OVERHEAD for each piece) and in a READ being assembled.
         self.out_held = 0
         self.queued_bytes = 0  # WRITE payload held by queued jobs
@@ -156,7 +160,8 @@ class Conn(RequestRunner):
         return bool(jobs) and not self.dead and self._room_out(self._need(jobs[0]))
 
     def finished(self) -> bool:
-        return self.dead or (self.closing is not None and not self.jobs and not self.out)
+        return self.dead or (self.closing is not None and not self.jobs and not self.out
+                             and not self.held)
 
     def waiting_on_peer(self) -> bool:
         """Holds bytes only the peer can release: unread replies, or half a request."""
@@ -236,15 +241,33 @@ class Conn(RequestRunner):
     def _queue_output(self) -> int:
         """Take the machine's replies into `out`; returns the bytes they are counted as."""
         added = 0
+        gate = self.gate if self.proto.export is not None else None  # the handshake: no data
+        ticket = -1
         for b in self.proto.pop_output():
             mv = memoryview(b)
             if mv.format != "B" or mv.ndim != 1:
                 mv = mv.cast("B")
             if mv.nbytes:
+                if gate is not None:
+                    # Every reply, a read's too: it may show a write the partner lacks.
+                    if ticket < 0:
+                        ticket = gate.ticket()
+                    if self.held or not gate.releasable(ticket):
+                        self.held.append((ticket, mv))
+                        added += mv.nbytes + _PIECE_OVERHEAD
+                        continue
                 self.out.append(mv)
                 added += mv.nbytes + _PIECE_OVERHEAD
         self.out_held += added
         return added
+
+    def release(self) -> bool:
+        """Move the held replies the gate now allows into `out`, in order; True if any."""
+        held, gate, moved = self.held, self.gate, False
+        while held and gate.releasable(held[0][0]):
+            self.out.append(held.popleft()[1])
+            moved = True
+        return moved
 
     def consume(self, sent: int, now: float = 0.0) -> None:
         """`sent` bytes from the head of `out` left (the transport's write, the stream's read)."""
@@ -270,6 +293,7 @@ class Conn(RequestRunner):
         self.jobs.clear()
         self.queued_bytes = 0
         self.out.clear()
+        self.held.clear()
         self.out_held = 0
         self.proto.pop_output()
         self.sync()

@@ -211,6 +211,17 @@ class NbdServer:
             elif expire:
                 self._expire(p, now)
 
+    def release(self, now: float) -> None:
+        """--ha-mode mirror: send the replies the partner's acknowledgements now allow
+        (domains/nbd_conn.Conn.release), without waiting for the next turn."""
+        for p in list(self.conns.values()):
+            c = p.conn
+            if c.held and not c.dead and c.release():
+                try:
+                    self._write(p, now)
+                except Exception as exc:  # noqa: BLE001 - the boundary, inline: a hot path
+                    self._internal(p, exc)
+
     # -- bounds --------------------------------------------------------------------------------
     def _guard(self, p: _Peer, fn: Callable[..., Any], *args: Any) -> Any:
         """The per-connection boundary: whatever one connection's step raises ends that

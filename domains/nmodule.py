@@ -26,6 +26,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from collections import deque
 from typing import Any, Callable
 
 import zmq
@@ -138,6 +139,9 @@ class NModule:
         self.listeners: dict[int, RpcServer] = {}
         self.on_first_request = on_first_request
         self.first_pending: set[int] = set()
+        # --ha-mode mirror: replies waiting for the partner to hold what was logged before
+        # them, as (ticket, identity, peer, request id, result), oldest (lowest ticket) first.
+        self.gated: deque[tuple[int, int, bytes, int, Any]] = deque()
         self.errors = 0
         self.internal_errors = 0
         self.on_error: Callable[[int, str, Exception], None] = lambda ident, op, exc: None
@@ -169,6 +173,8 @@ class NModule:
         if guard is not None:
             os.close(guard)
         self.first_pending.discard(identity)
+        if any(g[1] == identity for g in self.gated):  # never answered: the client retries
+            self.gated = deque(g for g in self.gated if g[1] != identity)
 
     def sockets(self) -> dict[zmq.Socket, int]:
         return {srv.sock: ident for ident, srv in self.listeners.items()}
@@ -180,6 +186,7 @@ class NModule:
             return
         held: list[tuple[Any, Any]] = []  # --ha-mode none: write acks wait for the group CP
         d = self.protocol.d
+        gate = getattr(d, "ack_gate", None)
         for _ in range(budget):
             if not srv.sock.poll(0):
                 break
@@ -206,6 +213,12 @@ class NModule:
             if d.pending_commit and inc.request.op == "write":
                 held.append((inc, result))
                 continue
+            if gate is not None:
+                # A read too: it may show a write the partner does not hold yet.
+                ticket = gate.ticket()
+                if self.gated or not gate.releasable(ticket):
+                    self.gated.append((ticket, identity, inc.peer, inc.request.id, result))
+                    continue
             srv.reply(inc.peer, inc.request.id, result)
             self.note_served(identity)
         if held:
@@ -221,6 +234,18 @@ class NModule:
             for inc, result in held:
                 srv.reply(inc.peer, inc.request.id, result)
             self.note_served(identity)
+
+    def release(self) -> None:
+        """Send the gated replies the partner's acknowledgements (or a degraded mirror) now
+        allow; tickets only grow, so the first one still held holds the rest."""
+        gate = getattr(self.protocol.d, "ack_gate", None)
+        g = self.gated
+        while g and gate.releasable(g[0][0]):
+            _, ident, peer, req_id, result = g.popleft()
+            srv = self.listeners.get(ident)
+            if srv is not None:
+                srv.reply(peer, req_id, result)
+                self.note_served(ident)
 
     # -- CF forwarding to the domain serving another identity ------------------------------------
     def invalidate_vldb(self) -> None:

@@ -289,7 +289,8 @@ def test_an_oversized_frame_is_refused_as_it_arrives(cluster: Cluster) -> None:
     no_failures(cluster)
 
 
-MIRROR_OPS = {"sync": ["region", "size", "data", "owner"], "span": ["region", "spans"]}
+MIRROR_OPS = {"begin": ["region", "owner", "size", "session"],
+              "batch": ["region", "session", "spans"]}
 
 
 def test_poison_frames_on_the_mirror_receiver(make_cluster) -> None:
@@ -298,24 +299,32 @@ def test_poison_frames_on_the_mirror_receiver(make_cluster) -> None:
     c.wait_for(lambda s: all(n["takeover_possible"] for n in s.nodes), 30, "mirrors in sync")
     before = snapshot(c)
     region = int(c.status().node("node1")["region"], 16)
-    frames = frames_for(MIRROR_OPS, 1)
+    session = c.status().raw["nodes"][0]["mirror"]["session"]
+    frames: list[tuple[int, list[bytes]]] = [(rid, [f]) for rid, f in frames_for(MIRROR_OPS, 1)]
     # Valid in shape, wrong in substance: a copy for a node that does not mirror here, a size
-    # that is not the cluster's, spans past the end or half bad (none of them may be applied).
-    bad = [("sync", {"region": region, "owner": 2, "size": 16 << 20, "data": b""}),
-           ("sync", {"region": region, "owner": 1, "size": 1 << 33, "data": b""}),
-           ("span", {"region": region, "spans": [[0, b"x" * 8], [(16 << 20) - 4, b"y" * 8]]}),
-           ("span", {"region": region, "spans": [[-8, b"x"]]}),
-           ("span", {"region": region, "spans": [[0, "text"]]})]
-    for op, args in bad:
+    # that is not the cluster's, spans past the end or half bad, or not the data frame's
+    # length, a batch of another session (none of them may be applied).
+    top = 16 << 20
+    bad = [("begin", {"region": region, "owner": 2, "size": top, "session": 99}, None),
+           ("begin", {"region": region, "owner": 1, "size": 1 << 33, "session": 99}, None),
+           ("batch", {"region": region, "session": session, "spans": [[0, 8], [top - 4, 8]]},
+            b"x" * 16),
+           ("batch", {"region": region, "session": session, "spans": [[-8, 1]]}, b"x"),
+           ("batch", {"region": region, "session": session, "spans": [[0, "text"]]}, b"x"),
+           ("batch", {"region": region, "session": session, "spans": [[0, 8]]}, b"x" * 9),
+           ("batch", {"region": region, "session": session + 1, "spans": [[0, 1]]}, b"x"),
+           ("batch", {"region": region, "session": session, "spans": [[0, 1]]}, None)]
+    for op, args, data in bad:
         rid = len(frames) + 1
-        frames.append((rid, codec.encode_request(rid, op, args)))
+        frames.append((rid, [codec.encode_request(rid, op, args)] + ([data] if data else [])))
     ctx = zmq.Context()
     try:
         s = ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         s.connect(run_dir(c).mirror(2))
+        s.send_multipart([b"three", b"frames", b"here"])  # dropped: no request in it
         for _, f in frames:
-            s.send(f)
+            s.send_multipart(f)
         replies: dict[int, codec.Reply] = {}
         end = time.monotonic() + 60
         while len(replies) < len(frames) and time.monotonic() < end:

@@ -794,6 +794,7 @@ class Hypervisor:
                         "uris": [nbd_uri(self.cfg, n, lun) for lun in lun_ids],
                         "server": st.get("nbd")},  # this domain's NBD service: counts, bytes held
                 "storage": storage,
+                "mirror": st.get("mirror"),  # --ha-mode mirror: the sender's state and figures
                 "cp": st.get("cp"),
                 "cp_stalls": st.get("cp_stalls"),
                 "last_takeover": self._takeover_view(n),
