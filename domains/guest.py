@@ -82,7 +82,7 @@ class Guest:
             self.mirror_tx = MirrorSender(
                 self.ctx, self.rundir, node, partner_of(node, self.cfg.nodes, self.cfg.topology),
                 self.region_id, self.region, info["control"], lambda: self.token,
-                self._log_used, rate=self.cfg.mirror_resync_mb_s * (1 << 20))
+                self._log_used, rate=self.cfg.mirror_resync_mb_s * (1 << 20), emit=self._event)
         self.dmodule = DModule(node, data_dir, self.cfg.disks, self.region, self.region_id,
                                self._emit_cp, self.cfg.ha_mode, self.mirror_tx,
                                raid=self.cfg.raid, default_luns=self.cfg.luns,

@@ -210,7 +210,9 @@ class MirrorSender:
 
     def __init__(self, ctx: zmq.Context, run: RunDir, owner: int, partner: int | None,
                  region_id: int, region: Any, control: str, token: Callable[[], str],
-                 used: Callable[[], int], rate: float = 0.0) -> None:
+                 used: Callable[[], int], rate: float = 0.0,
+                 emit: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+        """`emit(kind, fields)`: an event for Domain 0's log (a resync begun, a degrade)."""
         self.ctx = ctx
         self.run = run
         self.owner = owner
@@ -222,6 +224,7 @@ class MirrorSender:
         self.link = L.Link(partner is not None, used, rate=rate)
         self.sock: zmq.Socket | None = None
         self.hv: AsyncRpcClient | None = None
+        self.emit = emit or (lambda kind, fields: None)
 
     # -- the D-module's and the transports' side -----------------------------------------------
     def add_spans(self, spans: list[tuple[int, int]]) -> None:
@@ -291,8 +294,14 @@ class MirrorSender:
                 self._send([codec.encode_request(a.id, "begin", {
                     "region": self.region_id, "owner": self.owner, "size": len(self.region),
                     "session": a.session})], now)
+                self.emit("mirror_resync_started", {"partner": f"node{self.partner}",
+                                                    "session": a.session,
+                                                    "bytes": self.link.copy_end})
             elif isinstance(a, L.Drop):
                 self._close()
+                self.emit("mirror_degraded", {"partner": f"node{self.partner}",
+                                              "reason": a.reason,
+                                              "session": self.link.session})
             elif isinstance(a, L.Report):
                 self._report(a.in_sync, now)
 

@@ -98,13 +98,15 @@ class LoadRun:
     started: list["LoadRun"] = []  # released after each test (release_loads), failed or not
 
     def __init__(self, endpoint: str, spec: LoadSpec, journal: Path | None,
-                 target: str = "node1") -> None:
+                 target: str = "node1", timeline: Path | None = None) -> None:
+        """`timeline`: where run_load writes completions per 10 ms (clients/load.Timeline)."""
         self.out: dict[str, Any] = {}
         self.until = threading.Event()
 
         def body() -> None:
             try:
-                self.out["summary"] = run_load(endpoint, spec, journal, target, until=self.until)
+                self.out["summary"] = run_load(endpoint, spec, journal, target,
+                                               timeline=timeline, until=self.until)
             except BaseException as exc:  # reported by finish(), not lost in the thread
                 self.out["error"] = exc
 
