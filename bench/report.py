@@ -13,11 +13,8 @@ TARGETS: list[tuple[str, str, tuple[str, ...], str, float, str]] = [
     ("replay_vs_python", "replay numba / python", ("replay_gbps", "ratio_python"), ">=", 50.0, "x"),
     ("takeover_p99", "takeover p99", ("takeover_ms", "p99"), "<", 200.0, "ms"),
     ("up_warm", "up --nodes 4, warm", ("up_s", "warm"), "<", 3.0, "s"),
-    ("ha_shm_vs_mirror", "ha: shm / mirror IOPS", ("ha_modes", "ratio_shm_mirror"), ">=", 2.0, "x"),
     ("ha_shm_vs_none", "ha: shm / none IOPS", ("ha_modes", "ratio_shm_none"), ">=", 3.0, "x"),
     # The job: fio 4k randwrite qd16 over NBD, the same in every mode.
-    ("ha_fio_shm_vs_mirror", "ha fio: shm / mirror IOPS", ("ha_modes", "fio_ratio_shm_mirror"), ">=",
-     2.0, "x"),
     ("ha_fio_shm_vs_none", "ha fio: shm / none IOPS", ("ha_modes", "fio_ratio_shm_none"), ">=", 3.0,
      "x"),
     ("nbd_vs_nbdkit", "NBD: vmemu / nbdkit memory IOPS", ("nbd_randwrite", "ratio"), ">=", 0.25,
@@ -31,6 +28,11 @@ TARGETS: list[tuple[str, str, tuple[str, ...], str, float, str]] = [
 
 # Figures reported beside the targets without a pass/fail: (key, label, path, unit).
 REPORTED: list[tuple[str, str, tuple[str, ...], str]] = [
+    # shm / mirror: what the patent saves over a mirror with group commit and pipelining; no
+    # target (a faster mirror lowers it, and that is the point of making mirror fast).
+    ("ha_shm_vs_mirror", "ha: shm / mirror IOPS", ("ha_modes", "ratio_shm_mirror"), "x"),
+    ("ha_fio_shm_vs_mirror", "ha fio: shm / mirror IOPS", ("ha_modes", "fio_ratio_shm_mirror"),
+     "x"),
     ("raid_rebuild_vs_seq", "RAID rebuild / sequential write MB/s",
      ("raid_rebuild_mbps", "ratio"), "x"),
     ("nvlog_lz4_vs_raw", "NVLog append lz4 / raw MB/s", ("nvlog_lz4", "mbps_vs_raw"), "x"),
