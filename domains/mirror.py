@@ -16,8 +16,9 @@ with an ordinary bus reply whose id is the message's:
     [request frame op "batch" {region, session, spans: [[start, length], ...]}, data frame]
         the spans' bytes, one after the other, in the data frame
 
-The data frame is sent and received without a copy by ZeroMQ (copy=False; the receiver
-writes from the frame's buffer straight into its copy). The owner does copy the region's
+The data frame is sent and received with copy=False: the receiver writes from the frame's
+buffer straight into its copy, and pyzmq hands a large frame (a resync chunk, a busy turn's
+batch) to ZeroMQ without copying it (below 64 KiB it copies: cheaper than tracking). The owner does copy the region's
 bytes once, into that frame, when it sends: a frame handed to ZeroMQ is read by its I/O
 thread later, and by then the loop may have reused that part of the log (a half switch
 rewrites its header), so a zero-copy view of the live region could carry bytes of a later
@@ -121,11 +122,9 @@ class MirrorReceiver:
                 if not sock.poll(100):
                     continue
                 for _ in range(256):
-                    try:
-                        parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
+                    if not sock.get(zmq.EVENTS) & zmq.POLLIN:
                         break
-                    self._one(sock, parts)
+                    self._one(sock, sock.recv_multipart(zmq.NOBLOCK, copy=False))
         finally:
             sock.close(0)
 
@@ -249,13 +248,15 @@ class MirrorSender:
     def on_ready(self, now: float) -> None:
         """Take the partner's and Domain 0's answers (whatever is queued: cheap if none)."""
         sock = self.sock
-        if sock is not None:
+        # Looked at before reading: an empty NOBLOCK read raises, twice a turn.
+        if sock is not None and sock.get(zmq.EVENTS) & zmq.POLLIN:
             for rep in ready_replies(sock):
                 self._do(self.link.reply(rep.id, rep.ok, now), now)
                 if self.sock is not sock:
                     break  # degraded: the rest were of a connection now closed
         if self.hv is not None:
-            self.hv.on_readable()
+            if self.hv.sock.get(zmq.EVENTS) & zmq.POLLIN:
+                self.hv.on_readable()
             self.hv.expire(now)
 
     def end_turn(self, now: float) -> None:
@@ -321,6 +322,9 @@ class MirrorSender:
     def _send(self, frames: list[Any], now: float) -> None:
         if self.sock is None:
             return
+        # copy=False: pyzmq still copies a frame below zmq.COPY_THRESHOLD (64 KiB), where a
+        # copy is cheaper than tracking the buffer; a larger one (a resync chunk, the batch
+        # of a busy turn) goes to ZeroMQ as it is.
         try:
             self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:
