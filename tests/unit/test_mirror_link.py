@@ -336,3 +336,12 @@ def test_model_is_not_vacuous() -> None:
     runs = [run_model(seed) for seed in range(40)]
     assert sum(1 for turns, _ in runs if turns) >= 10
     assert sum(n for _, n in runs) >= 50
+
+
+def test_resync_rate_config_is_checked() -> None:
+    from vmemu.config import ClusterConfig
+    from vmemu.errors import BadRequest
+
+    assert ClusterConfig(nodes=2).mirror_resync_mb_s == 0.0
+    with pytest.raises(BadRequest):
+        ClusterConfig(nodes=2, mirror_resync_mb_s=-1.0)
