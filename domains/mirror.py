@@ -169,6 +169,11 @@ class MirrorReceiver:
                 if old is not None and (old.frozen or old.owner != owner):
                     raise BadRequest(f"mirror begin: region {region:#x} is not node{owner}'s "
                                      "to resync")
+                if old is not None and session <= old.session:
+                    # A begin left over on a connection the owner has since closed, fair-queued
+                    # after a newer one: it must not empty a copy the owner now vouches for.
+                    raise BadRequest(f"mirror begin: session {session} is not after "
+                                     f"{old.session}")
                 # One current copy per owner, plus the one before (it may still be in a chain).
                 others = [r for r, c in self.copies.items() if c.owner == owner and r != region]
                 for r in others[:-1]:

@@ -285,8 +285,10 @@ def run_model(seed: int, steps: int = 600) -> tuple[int, int]:
             # new one's) in any order.
             first = rng.choice(sorted({x.conn for x in partner.inbox}))
             m = partner.inbox.pop(next(i for i, x in enumerate(partner.inbox) if x.conn == first))
-            if m.begin:
-                partner.copy, partner.session, ok = {}, m.session, True
+            if m.begin:  # as the receiver: never back to an older session
+                ok = m.session > partner.session
+                if ok:
+                    partner.copy, partner.session = {}, m.session
             elif partner.copy is not None and m.session == partner.session:
                 partner.copy.update(m.cells)
                 ok = True

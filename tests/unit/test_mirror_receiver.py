@@ -59,6 +59,16 @@ def test_begin_checks_owner_size_and_takes_no_frozen_copy() -> None:
         rx._handle(req("begin", region=5, owner=1, size=SIZE, session=2), None)
 
 
+def test_a_stale_begin_does_not_empty_a_newer_session() -> None:
+    rx = receiver()
+    rx._handle(req("begin", region=5, owner=1, size=SIZE, session=4), None)
+    rx._handle(req("batch", region=5, session=4, spans=[[0, 2]]), memoryview(b"ok"))
+    for stale in (3, 4):
+        with pytest.raises(BadRequest):
+            rx._handle(req("begin", region=5, owner=1, size=SIZE, session=stale), None)
+    assert rx.copies[5].data[:2] == b"ok" and rx.copies[5].session == 4
+
+
 def test_batches_apply_whole_or_not_at_all() -> None:
     rx = receiver()
     rx._handle(req("begin", region=5, owner=1, size=SIZE, session=3), None)
