@@ -150,9 +150,12 @@ class Guest:
             peer = self.peers[owner] = RpcClient(self.ctx, self.rundir.guest(owner))
         peer.notify("mirror_request", {"region": region})
 
-    def _log_used(self) -> int:
-        """Bytes of our region a resync copies: up to the end of the later log half in use."""
-        return max(h.log_off + h.used for h in self.dmodule.log.halves)
+    def _log_used(self) -> list[tuple[int, int]]:
+        """What of our region a resync copies: the header, and each log half up to its tail
+        (a replay reads no further). Not the whole prefix up to the later half's tail: after
+        the first CP that would be all of half 0, mostly stale bytes past its tail."""
+        return [(0, nvlog_format.REGION_HEADER)] + [
+            (h.log_off, h.log_off + h.used) for h in self.dmodule.log.halves]
 
     def _map_region(self, region: int, owner: int) -> mmap.mmap:
         if region in self.monitor.mapped:

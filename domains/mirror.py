@@ -214,7 +214,7 @@ class MirrorSender:
 
     def __init__(self, ctx: zmq.Context, run: RunDir, owner: int, partner: int | None,
                  region_id: int, region: Any, control: str, token: Callable[[], str],
-                 used: Callable[[], int], rate: float = 0.0,
+                 used: Callable[[], int | list[tuple[int, int]]], rate: float = 0.0,
                  emit: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         """`emit(kind, fields)`: an event for Domain 0's log (a resync begun, a degrade)."""
         self.ctx = ctx

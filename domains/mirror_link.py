@@ -116,12 +116,13 @@ class LinkStats:
 
 
 class Link:
-    def __init__(self, has_partner: bool, used: Callable[[], int], *,
+    def __init__(self, has_partner: bool, used: Callable[[], int | list[tuple[int, int]]], *,
                  deadline_s: float = DEADLINE_S, chunk: int = CHUNK, window: int = WINDOW,
                  rate: float = 0.0, retry_s: float = RETRY_S,
                  retry_max_s: float = RETRY_MAX_S) -> None:
-        """`used()`: bytes of the region a resync must copy (from 0), read when one begins;
-        `rate`: resync bytes per second at most (0: as fast as the window allows)."""
+        """`used()`: what of the region a resync must copy, read when one begins: a number of
+        bytes from 0, or (start, end) ranges; `rate`: resync bytes per second at most (0: as
+        fast as the window allows)."""
         self.has_partner = has_partner
         self.used = used
         self.deadline_s = deadline_s
@@ -141,7 +142,8 @@ class Link:
         self.inflight_chunk = 0
         self.begin_id = 0
         self.last_chunk_id = 0
-        self.copy_pos = self.copy_end = 0
+        self.copy_pos = self.copy_end = 0  # resync bytes sent, and to send in all
+        self.copy_left: deque[tuple[int, int]] = deque()  # region ranges not sent yet
         self.copy_t0 = self.begin_t0 = 0.0
         self.unheld_upto = NEVER
         # What Domain 0 believes (None: unknown), what we told it last (None: nothing
@@ -263,7 +265,7 @@ class Link:
         if self.mode == COPY:
             n = self._chunk_room(now)
             if n > 0:
-                self.pending.append((self.copy_pos, self.copy_pos + n))
+                self.pending.extend(self._take(n))
                 self.pending_chunk += n
                 self.copy_pos += n
                 if self.copy_pos >= self.copy_end:
@@ -301,6 +303,20 @@ class Link:
                 return 0  # whole chunks only (or the last, shorter one)
         return max(0, n)
 
+    def _take(self, n: int) -> list[tuple[int, int]]:
+        """The next `n` resync bytes, as region ranges."""
+        out: list[tuple[int, int]] = []
+        while n > 0:
+            a, b = self.copy_left[0]
+            k = min(n, b - a)
+            out.append((a, a + k))
+            n -= k
+            if a + k == b:
+                self.copy_left.popleft()
+            else:
+                self.copy_left[0] = (a + k, b)
+        return out
+
     def _degrade(self, reason: str, now: float, retry: bool) -> list[Action]:
         """Stop vouching for the copy: keep serving, unhold everything once Domain 0 knows."""
         self.mode = DOWN
@@ -309,6 +325,7 @@ class Link:
         self.pending = []
         self.pending_chunk = 0
         self.copy_pos = self.copy_end = 0
+        self.copy_left.clear()
         self.unheld_upto = NEVER
         self.hv_want = False
         self.stats.degrades += 1
@@ -339,7 +356,9 @@ class Link:
         self.stats.sessions += 1
         self.begin_id = self.last_sent = self.next_id
         self.next_id += 1
-        self.copy_pos, self.copy_end = 0, self.used()
+        used = self.used()
+        self.copy_left = deque(merge([(0, used)] if isinstance(used, int) else used))
+        self.copy_pos, self.copy_end = 0, sum(b - a for a, b in self.copy_left)
         self.copy_t0 = self.begin_t0 = now
         self.inflight.append((self.begin_id, now, 0))
         return [Begin(self.begin_id, self.session)]

@@ -3,9 +3,10 @@ one that dies while being resynced costs the owner no stall, and a takeover from
 that way under load loses no acknowledged write.
 
 Stalls are judged from the load's own timeline (completions per 10 ms): the longest stretch
-without a completion inside a window, against a bound well below a failure detection (the
-old blocking sync stalled both identities 0.4-0.6 s per resync, 5.3-5.9 s when the partner
-died during it). A behavioural bound, not a benchmark.
+without a completion inside a window, against a behavioural bound, not a benchmark: 1 s when
+the partner dies mid-resync (the old blocking sync stalled both identities 5.2-5.9 s there),
+a failure detection's time (0.5 s here) for a resync (the old one stalled 0.8 s for a 64 MiB
+region). Measured on this branch: 0.07-0.21 s in both cases.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from typing import Any
 
 from clients.load import LoadSpec
 from clients.verify import verify
-from tests.e2e.conftest import BOOT_S, LoadRun, events_when, wait_until
+from tests.e2e.conftest import BOOT_S, TEST_DEFAULTS, LoadRun, events_when, wait_until
 
 STALL_BOUND_S = 1.0
+# A resync must cost the owner less than a failure detection takes (heartbeat x misses): the
+# old blocking sync of a 64 MiB region's log stalled it 0.76-0.82 s in the same measurement.
+RESYNC_BOUND_S = TEST_DEFAULTS["heartbeat_ms"] * TEST_DEFAULTS["heartbeat_misses"] / 1000
 
 
 def longest_gap(timeline: dict[str, Any], t0: float, t1: float) -> float:
@@ -72,9 +76,11 @@ def test_a_partner_killed_mid_resync_does_not_stall_the_owner(make_cluster, tmp_
     c = make_cluster(nodes=2, ha_mode="mirror", mirror_resync_mb_s=1.0)
     c.wait_for(lambda s: all(n["takeover_possible"] for n in s.nodes), 60, "mirrors in sync")
     load, journal, tl = node1_load(c, tmp_path)
-    t0 = partner_back(c)
+    t0: float | None = None
     for _ in range(4):
-        sessions = mirror_of(c, "node1")["sessions"]
+        sessions = mirror_of(c, "node1")["sessions"]  # before: node2 asks as soon as it is up
+        t = partner_back(c)
+        t0 = t if t0 is None else t0
         c.wait_for(lambda s: (s.node("node1").get("mirror") or {}).get("sessions", 0) > sessions
                    and s.node("node1")["mirror"]["mode"] in ("copy", "sync"), 30,
                    "node1 resyncing its log to node2")
@@ -82,8 +88,7 @@ def test_a_partner_killed_mid_resync_does_not_stall_the_owner(make_cluster, tmp_
         wait_until(lambda: time.monotonic() - t_copy > 0.3, 5, "some of the resync")
         if mirror_of(c, "node1")["mode"] == "copy":
             break
-        partner_back(c)
-    assert mirror_of(c, "node1")["mode"] == "copy"
+    assert mirror_of(c, "node1")["mode"] == "copy" and t0 is not None
     t_kill = time.monotonic()
     c.crash("node2")
     degraded = events_when(c, lambda evs: any(
@@ -108,7 +113,7 @@ def test_a_partner_killed_mid_resync_does_not_stall_the_owner(make_cluster, tmp_
 def test_resync_under_load_then_takeover_from_the_copy(make_cluster, tmp_path):
     """A returning partner is resynced without stalling the owner, and the copy it builds in
     the background, under load, is complete: a takeover replays it and loses nothing."""
-    c = make_cluster(nodes=2, ha_mode="mirror")
+    c = make_cluster(nodes=2, ha_mode="mirror", nvram_mb=64)  # megabytes of log to resync
     c.wait_for(lambda s: all(n["takeover_possible"] for n in s.nodes), 60, "mirrors in sync")
     load, journal, tl = node1_load(c, tmp_path)
     t0 = partner_back(c)
@@ -129,4 +134,4 @@ def test_resync_under_load_then_takeover_from_the_copy(make_cluster, tmp_path):
                   and e["identity"] == "node1" and e["node"] == "node2")
     assert replay["from_mirror_copy"] == 1  # from the copy the background resync built
     gap = longest_gap(json.loads(tl.read_text()), t0, t1)
-    assert gap < STALL_BOUND_S, f"node1's longest completion gap was {gap:.2f} s"
+    assert gap < RESYNC_BOUND_S, f"node1's longest completion gap was {gap:.2f} s"

@@ -347,3 +347,17 @@ def test_resync_rate_config_is_checked() -> None:
     assert ClusterConfig(nodes=2).mirror_resync_mb_s == 0.0
     with pytest.raises(BadRequest):
         ClusterConfig(nodes=2, mirror_resync_mb_s=-1.0)
+
+
+def test_resync_copies_only_the_ranges_used() -> None:
+    """The header and each log half up to its tail: not the stale bytes between."""
+    link = Link(True, lambda: [(1000, 1020), (0, 10), (100, 150)], chunk=30)
+    (begin,) = link.request_resync(0.0)
+    link.reply(begin.id, True, 0.0)
+    got = []
+    while link.mode == COPY:
+        (b,) = link.turn(0.0)
+        got.append(b.ranges)
+        link.reply(b.id, True, 0.0)
+    assert got == [[(0, 10), (100, 120)], [(120, 150)], [(1000, 1020)]]
+    assert link.copy_end == 80 and link.stats.resync_bytes == 80 and link.mode == SYNC
