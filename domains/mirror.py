@@ -18,11 +18,11 @@ with an ordinary bus reply whose id is the message's:
 
 The data frame is sent and received with copy=False: the receiver writes from the frame's
 buffer straight into its copy, and pyzmq hands a large frame (a resync chunk, a busy turn's
-batch) to ZeroMQ without copying it (below 64 KiB it copies: cheaper than tracking). The owner does copy the region's
-bytes once, into that frame, when it sends: a frame handed to ZeroMQ is read by its I/O
-thread later, and by then the loop may have reused that part of the log (a half switch
-rewrites its header), so a zero-copy view of the live region could carry bytes of a later
-state than the batch stands for.
+batch) to ZeroMQ without copying it (below 64 KiB it copies: cheaper than tracking). The
+owner does copy the region's bytes once, into that frame, when it sends: a frame handed to
+ZeroMQ is read by its I/O thread later, and by then the loop may have reused that part of the
+log (a half switch rewrites its header), so a zero-copy view of the live region could carry
+bytes of a later state than the batch stands for.
 
 The receiving side runs in a thread with its own socket, so two partners mirroring to each
 other never wait on each other's main loops (which would deadlock).

@@ -101,7 +101,7 @@ def test_one_current_copy_per_owner_plus_the_one_before() -> None:
     assert isinstance(rx.copies[13], Copy)
 
 
-# -- a sender and a receiver over real sockets ------------------------------------------------------
+# -- a sender and a receiver over real sockets ---------------------------------------------------
 
 class Domain0:
     """The control endpoint, as far as mirror_state goes: answers and remembers."""
