@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -78,7 +79,9 @@ def vmemu_cli(c, *args: str) -> subprocess.CompletedProcess:
 def test_status_and_lun_list_name_every_uri(cluster):
     c = cluster
     cfg = c.control.config
-    st = c.status()
+    # each guest reports its NBD service's counts with its first heartbeats after boot
+    st = c.wait_for(lambda st: all(st.node(f"node{n}")["nbd"]["server"] for n in (1, 2)), 30,
+                    "both guests to report their NBD service")
     for n in (1, 2):
         host, port = nbd_address(cfg, n)  # base + N (the default base: test_cli's story)
         assert host == str(ipaddress.IPv4Address(cfg.nbd_addr_base) + n)

@@ -13,6 +13,9 @@ process's peak RSS. `--replay FILE` runs one saved input again.
 The CI runs the same targets through hypothesis for a few seconds (tests/fuzz/test_fuzz_*.py);
 this is the long run. It lives here, beside the targets, mutators and corpus it drives,
 rather than in bench/: it measures no performance figure, it looks for bugs.
+
+`--target nvram` and `--target disk_header` (and `all`) also fuzz what vmemu reads back from
+NVRAM and disk headers (tests/fuzz/storage_runner.py: mutations of real regions and images).
 """
 
 from __future__ import annotations
@@ -178,9 +181,12 @@ def replay(target: str, path: Path) -> int:
     return 0
 
 
+STORAGE_TARGETS = ("nvram", "disk_header")  # bytes read back from NVRAM and disk: storage_runner
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.fuzz", description=__doc__.splitlines()[0])
-    ap.add_argument("--target", choices=[*TARGETS, "all"], default="all")
+    ap.add_argument("--target", choices=[*TARGETS, *STORAGE_TARGETS, "all"], default="all")
     ap.add_argument("--inputs", type=int, default=100_000, help="per target")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--hang-s", type=float, default=1.0)
@@ -190,6 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.replay:
         return replay("nbd" if args.target == "all" else args.target, args.replay)
+    rc = 0
+    storage = [t for t in STORAGE_TARGETS if args.target in (t, "all")]
+    if storage:  # their own driver: mutations of real regions and disk images, not of bytes
+        from tests.fuzz import storage_runner
+
+        rc = storage_runner.main(["--inputs", str(args.inputs), "--seed", str(args.seed),
+                                  "--hang-s", str(args.hang_s), "--only", ",".join(storage)])
+        if args.target in STORAGE_TARGETS:
+            return rc
     names = list(TARGETS) if args.target == "all" else [args.target]
     reports = [fuzz(t, args.inputs, args.seed, args.hang_s, args.kill_s) for t in names]
     for r in reports:
@@ -202,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {g['count']:6d} x {key}: {g['message'][:120]}  -> {g['reproducer']}")
     if args.json:
         args.json.write_text(json.dumps(reports, indent=1) + "\n")
-    return 1 if any(r["findings"] or r["over_hang_s"] for r in reports) else 0
+    return 1 if rc or any(r["findings"] or r["over_hang_s"] for r in reports) else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Fuzz, bounded for CI: real NVRAM regions and real disk headers, mutated by hypothesis.
 
-The properties live in fuzz/nvram.py and fuzz/disk_header.py (``check``); `python -m fuzz`
+The properties live in tests/fuzz/nvram.py and tests/fuzz/disk_header.py (``check``);
+`python -m tests.fuzz --target nvram`
 runs the same checks for 100,000 inputs. Each property is also shown failing on a reader with
 the check it guards taken out.
 """
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fuzz import disk_header, nvram
+from tests.fuzz import disk_header, nvram
 from storage import nvlog_check
 
 SETTINGS = settings(max_examples=60, deadline=None, database=None,

@@ -1,4 +1,4 @@
-"""`python -m fuzz [--inputs N] [--only nvram,disk_header] [--seed S] [--out DIR]`: long runs.
+"""The storage targets of `python -m tests.fuzz` (`--target nvram|disk_header`): long runs.
 
 Each target feeds N mutated inputs (seeded, reproducible: a failure is reported with the
 seed and input number that replay it) to the same ``check`` the CI tests run with
@@ -7,8 +7,8 @@ hangs (an input over --hang-s seconds), inputs per second and the slowest input.
 to DIR/fuzz-latest.json (default bench/results/). Exit status 1 if any target failed.
 
 Targets:
-  nvram        an NVRAM region read back at takeover (fuzz/nvram.py)
-  disk_header  a disk image's header stamped and opened (fuzz/disk_header.py)
+  nvram        an NVRAM region read back at takeover (tests/fuzz/nvram.py)
+  disk_header  a disk image's header stamped and opened (tests/fuzz/disk_header.py)
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from fuzz import disk_header, nvram
+from tests.fuzz import disk_header, nvram
 
 TARGETS = ("nvram", "disk_header")
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "bench" / "results"
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "bench" / "results"
 SAMPLES = 64  # NVRAM base regions, built once, mutated per input
 
 
@@ -89,7 +89,8 @@ def run_disk_header(n: int, seed: int, hang_s: float) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fuzz", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m tests.fuzz.storage_runner",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--inputs", type=int, default=100_000, help="inputs per target (100000)")
     ap.add_argument("--only", default=",".join(TARGETS), help=f"subset of {','.join(TARGETS)}")
     ap.add_argument("--seed", type=int, default=1)

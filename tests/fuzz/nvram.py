@@ -20,7 +20,8 @@ exactly-once table -- and returns the properties it broke:
   record (its half, position and sequence number); one in padding, past the tail or in the
   header's reserved bytes changes nothing.
 
-Used by ``tests/unit/test_nvram_fuzz.py`` (hypothesis, bounded) and ``python -m fuzz``.
+Used by ``tests/unit/test_corruption_fuzz.py`` (hypothesis, bounded) and
+``python -m tests.fuzz --target nvram``.
 """
 
 from __future__ import annotations
