@@ -189,6 +189,13 @@ class Conn(RequestRunner):
         self.starved = False
         return leftover
 
+    def set_wire(self, wire_in: int, wire_out: int) -> None:
+        """The transport's TLS bytes now held: settled against the pool at once, so a
+        record being assembled takes room like any other byte of this connection."""
+        if wire_in != self.wire_in or wire_out != self.wire_out:
+            self.wire_in, self.wire_out = wire_in, wire_out
+            self._settle()
+
     # -- input ---------------------------------------------------------------------------------
     def feed(self, data: bytes | bytearray | memoryview, now: float = 0.0) -> None:
         """Received bytes (b"": the peer closed its side)."""

@@ -67,7 +67,7 @@ class TlsChannel:
             if not self.handshaken:
                 self._obj.do_handshake()
                 self.handshaken = True
-            return self._obj.read(n) or None
+            data = self._obj.read(n)
         except ssl.SSLWantReadError:
             return None
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
@@ -75,6 +75,9 @@ class TlsChannel:
                 raise
             self.eof = True  # close_notify, or a peer that just closed: both end the stream
             return b""
+        if not data:  # CPython reads a close_notify as b"" (no SSLZeroReturnError)
+            self.eof = True
+        return data
 
     def encrypt(self, plain: bytes | memoryview) -> None:
         self._obj.write(plain)
@@ -143,8 +146,7 @@ def decrypt(chan: TlsChannel, conn: Conn, now: float) -> None:
                 break
             conn.feed(data, now)  # b"": the peer closed
     finally:
-        conn.wire_in = chan.in_pending()
-        conn.wire_out = chan.out_pending()  # handshake messages to send
+        conn.set_wire(chan.in_pending(), chan.out_pending())  # out: handshake messages
 
 
 def send(sock: socket.socket, chan: TlsChannel, conn: Conn, now: float) -> None:
@@ -177,4 +179,4 @@ def send(sock: socket.socket, chan: TlsChannel, conn: Conn, now: float) -> None:
             chan.encrypt(b"".join(parts))
             conn.consume(size, now)
     finally:
-        conn.wire_out = chan.out_pending()
+        conn.set_wire(conn.wire_in, chan.out_pending())
