@@ -49,6 +49,7 @@ class Endpoint:
     sock: socket.socket | None = None
     error: str = ""  # why the last attempt failed
     holder: str = ""  # who holds a taken TCP address, when that can be told
+    holder_uid: int | None = None
     failed_at: float = 0.0  # monotonic time of the first failed attempt (0: none pending)
     next_try: float = 0.0
     attempts: int = 0
@@ -82,8 +83,8 @@ class Listeners:
     # -- binding -------------------------------------------------------------------------------
     def bind(self, identity: int, deadline_s: float = 5.0, retry: bool = False) -> None:
         """Listen for the identity. EADDRINUSE is retried until the deadline (an old holder's
-        socket may take an instant to go); then, with `retry`, in the background, else
-        VmemuError (and nothing stays bound)."""
+        socket may take an instant to go; not when another user's listener holds it); then,
+        with `retry`, in the background, else VmemuError (and nothing stays bound)."""
         if identity in self.served:
             return
         eps = []
@@ -93,8 +94,10 @@ class Listeners:
             eps.append(Endpoint(identity, "unix", Path(self.unix_of(identity))))
         end = time.monotonic() + deadline_s
         for ep in eps:
+            # Waiting is worth it for a socket of ours on its way out, not for another user's
+            # listener: that one is there to stay, and the takeover should not wait for it.
             while not self._try(ep) and ep.error.startswith("[EADDRINUSE]") \
-                    and time.monotonic() < end:
+                    and ep.holder_uid in (None, os.geteuid()) and time.monotonic() < end:
                 time.sleep(0.005)
             if ep.sock is None and not retry:
                 for other in eps:
@@ -112,7 +115,8 @@ class Listeners:
                          + f"); serving node{identity} without it, retrying every {RETRY_S:g}s")
                 self.emit("nbd_address_taken", {
                     "identity": f"node{identity}", "transport": ep.kind, "address": ep.name,
-                    "error": ep.error, "holder": ep.holder or None, "retry_s": RETRY_S})
+                    "error": ep.error, "holder": ep.holder or None, "holder_uid": ep.holder_uid,
+                    "retry_s": RETRY_S})
 
     def retry(self, now: float) -> None:
         """Try the pending endpoints whose time has come (called every loop turn: cheap)."""
@@ -130,6 +134,7 @@ class Listeners:
                          f"{now - ep.failed_at:.1f}s")
                 ep.failed_at = 0.0
                 ep.error = ep.holder = ""
+                ep.holder_uid = None
             else:
                 ep.next_try = now + RETRY_S
 
@@ -144,9 +149,6 @@ class Listeners:
             self.unbind(ident)
 
     # -- what the server looks at --------------------------------------------------------------
-    def fds(self) -> dict[int, Endpoint]:
-        return self.by_fd
-
     def tcp_socket(self, identity: int) -> socket.socket | None:
         for ep in self.served.get(identity, []):
             if ep.kind == "tcp":
@@ -168,7 +170,8 @@ class Listeners:
             code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
             ep.error = f"[{code}] {exc.strerror or exc}"
             if ep.kind == "tcp" and exc.errno == errno.EADDRINUSE:
-                ep.holder = tcp_listener_owner(*ep.where)
+                ep.holder_uid = tcp_listener_uid(*ep.where)
+                ep.holder = describe_uid(ep.holder_uid)
             return False
         self.by_fd[ep.sock.fileno()] = ep
         return True
@@ -216,25 +219,31 @@ class Listeners:
                 pass
 
 
-def tcp_listener_owner(host: str, port: int) -> str:
-    """"uid 65534 (nobody)" when /proc/net/tcp shows a listener on host:port (or on the
-    wildcard address and that port); "" when it does not say."""
+def tcp_listener_uid(host: str, port: int) -> int | None:
+    """The uid of a listener on host:port (or on the wildcard address and that port), as
+    /proc/net/tcp shows it; None when it does not say."""
     want = {_proc_addr(host, port), _proc_addr("0.0.0.0", port)}
     try:
         with open("/proc/net/tcp") as f:
             lines = f.read().splitlines()[1:]
     except OSError:
-        return ""
+        return None
     for line in lines:
         f = line.split()
         if len(f) > 7 and f[1] in want and f[3] == "0A":  # 0A: LISTEN
-            uid = int(f[7])
-            try:
-                user = pwd.getpwuid(uid).pw_name
-            except KeyError:
-                user = "?"
-            return f"uid {uid} ({user})" + (" - another user" if uid != os.geteuid() else "")
-    return ""
+            return int(f[7])
+    return None
+
+
+def describe_uid(uid: int | None) -> str:
+    """"uid 65534 (nobody) - another user"; "" for None."""
+    if uid is None:
+        return ""
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = "?"
+    return f"uid {uid} ({user})" + (" - another user" if uid != os.geteuid() else "")
 
 
 def _proc_addr(host: str, port: int) -> str:

@@ -48,6 +48,7 @@ import errno
 import itertools
 import socket
 import ssl
+import struct
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -299,8 +300,10 @@ class NbdServer:
         sock.setblocking(False)
         if sock.family == socket.AF_INET:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        else:
-            peer = f"unix:{sock.getsockname()}"
+        else:  # a Unix peer has no address; its credentials say who it is, for the logs
+            pid, uid, _ = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            peer = f"unix:pid {pid} uid {uid}"
         exports, lun_of = exports_of(self.d, identity, self.node)
         c = Conn(P.ServerProto(exports, tls=self.tls_mode), identity, lun_of, self.d, lim,
                  self.pool, self.stats, peer, now, self.on_request, self.log)
@@ -338,7 +341,10 @@ class NbdServer:
 
     def _write(self, p: _Peer, now: float) -> None:
         if p.tls is not None:
-            nbd_tls.send(p.sock, p.tls, p.conn, now)
+            try:
+                nbd_tls.send(p.sock, p.tls, p.conn, now)
+            except ssl.SSLError as exc:  # e.g. the peer's close_notify came first
+                self._tls_failed(p, exc)
             return
         c = p.conn
         while c.out:

@@ -87,6 +87,8 @@ class ClusterConfig:
             raise BadRequest("CP interval must be positive")
         if self.nbd_tls not in NBD_TLS_MODES:
             raise BadRequest(f"unknown NBD TLS mode {self.nbd_tls!r}; choose off, on or require")
+        if not self.nbd_tcp and not self.nbd_socket:
+            raise BadRequest("--nbd-tcp off needs --nbd-socket: NBD would be served nowhere")
         if self.nbd_tls_verify_peer and self.nbd_tls == "off":
             raise BadRequest("--nbd-tls-verify-peer needs --nbd-tls on or require")
         if not 0 <= self.nbd_port <= 65535:
