@@ -96,14 +96,13 @@ class NbdServer:
         self.limits = limits or Limits()
         self.pool = Pool(self.limits.shared)
         self.stats = Stats()
-        self.tls_ctx = tls
+        self.tls = nbd_tls.ServerTls(tls, self.stats, self.log) if tls is not None else None
         self.tls_mode = tls_mode if tls is not None else "off"
         self.lst = Listeners(node, address_of, socket_of, self.log, emit)
         self.conns: dict[int, _Peer] = {}  # fd -> connection
         self._rr = 0
         self._accept_paused_until = 0.0
         self._last_refusal_log = -1e9
-        self._last_tls_log = -1e9
         self._next_expiry = 0.0
         self._rbuf = memoryview(bytearray(self.limits.recv_chunk))
 
@@ -212,8 +211,8 @@ class NbdServer:
                     self._write(p, now)
                 except Exception as exc:  # noqa: BLE001 - the boundary, inline: a hot path
                     self._internal(p, exc)
-            if c.tls_wanted is not None and c.tls_ready():
-                self._guard(p, self._start_tls, p, now)
+            if c.tls_wanted is not None and c.tls_ready() and self.tls is not None:
+                p.tls = self._guard(p, self.tls.start, c, now)
             if c.finished():
                 self._drop(p)
             elif expire:
@@ -311,11 +310,8 @@ class NbdServer:
         self.conns[p.fd] = p
 
     def _read(self, p: _Peer, now: float) -> None:
-        if p.tls is not None:
-            try:
-                nbd_tls.recv(p.sock, p.tls, p.conn, self._rbuf, self.limits.recv_per_turn, now)
-            except ssl.SSLError as exc:
-                self._tls_failed(p, exc)
+        if p.tls is not None and self.tls is not None:
+            self.tls.recv(p.sock, p.tls, p.conn, self._rbuf, self.limits.recv_per_turn, now)
             return
         c = p.conn
         got = 0
@@ -340,11 +336,8 @@ class NbdServer:
             room = c.room_in()
 
     def _write(self, p: _Peer, now: float) -> None:
-        if p.tls is not None:
-            try:
-                nbd_tls.send(p.sock, p.tls, p.conn, now)
-            except ssl.SSLError as exc:  # e.g. the peer's close_notify came first
-                self._tls_failed(p, exc)
+        if p.tls is not None and self.tls is not None:
+            self.tls.send(p.sock, p.tls, p.conn, now)
             return
         c = p.conn
         while c.out:
@@ -362,40 +355,12 @@ class NbdServer:
         if self.conns.get(p.fd) is p:
             del self.conns[p.fd]
         p.conn.drop()
-        try:
-            if p.tls is not None:  # a clean end of the TLS session, if the socket takes it
-                p.sock.send(p.tls.close_notify())
-        except (OSError, ssl.SSLError):
-            pass
+        if p.tls is not None and self.tls is not None:
+            self.tls.end(p.sock, p.tls, p.conn)
         try:
             p.sock.close()
         except OSError:
             pass
-
-    def _start_tls(self, p: _Peer, now: float) -> None:
-        """The STARTTLS acknowledgement has left: from here on, TLS (the handshake timeout
-        still runs: it covers the TLS handshake too)."""
-        assert self.tls_ctx is not None
-        p.tls = nbd_tls.TlsChannel(self.tls_ctx)
-        self.stats.tls_sessions += 1
-        leftover = p.conn.tls_begun()
-        if leftover:
-            p.tls.receive(leftover)
-        try:
-            nbd_tls.decrypt(p.tls, p.conn, now)
-        except ssl.SSLError as exc:
-            self._tls_failed(p, exc)
-
-    def _tls_failed(self, p: _Peer, exc: ssl.SSLError) -> None:
-        """The peer broke TLS (did not trust our certificate, or does not speak TLS): that
-        connection ends; counted, and logged at most once a second."""
-        self.stats.tls_failures += 1
-        p.conn.dead = True
-        now = time.monotonic()
-        if now - self._last_tls_log > 1.0:
-            self._last_tls_log = now
-            self.log(f"nbd: TLS with {p.conn.peer} (node{p.conn.identity}) failed: "
-                     f"{exc.reason or exc} ({self.stats.tls_failures} so far)")
 
     # -- work across connections ---------------------------------------------------------------
     def _run(self, now: float) -> None:

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 from pathlib import Path
+from typing import Callable
 
 from domains.nbd_conn import Conn
+from domains.nbd_limits import Stats
 from vmemu import tls as creds
 
 CHUNK = 64 << 10  # plaintext encrypted at a time (then sent before more is); see TLS_EXTRA
@@ -47,6 +50,7 @@ class TlsChannel:
         self._out = ssl.MemoryBIO()
         self._obj = ctx.wrap_bio(self._in, self._out, server_side=True)
         self.handshaken = False
+        self.failed = False  # counted as a TLS failure already
         self.eof = False  # the peer closed (close_notify, or its side of the stream)
         self.unsent = memoryview(b"")  # ciphertext taken from the BIO, not yet sent
 
@@ -180,3 +184,64 @@ def send(sock: socket.socket, chan: TlsChannel, conn: Conn, now: float) -> None:
             conn.consume(size, now)
     finally:
         conn.set_wire(conn.wire_in, chan.out_pending())
+
+
+class ServerTls:
+    """The transport's TLS: one context for every connection, the counters, and a log
+    throttled to a line a second (a scanner failing TLS in a loop must not fill the log)."""
+
+    def __init__(self, ctx: ssl.SSLContext, stats: Stats, log: Callable[[str], None]) -> None:
+        self.ctx = ctx
+        self.stats = stats
+        self.log = log
+        self._last_log = -1e9
+
+    def start(self, conn: Conn, now: float) -> TlsChannel:
+        """The STARTTLS acknowledgement has left: from here on, TLS (the handshake timeout
+        still runs: it covers the TLS handshake too)."""
+        chan = TlsChannel(self.ctx)
+        self.stats.tls_sessions += 1
+        leftover = conn.tls_begun()
+        if leftover:
+            chan.receive(leftover)
+        try:
+            decrypt(chan, conn, now)
+        except ssl.SSLError as exc:
+            self.failed(chan, conn, exc.reason or str(exc))
+        return chan
+
+    def recv(self, sock: socket.socket, chan: TlsChannel, conn: Conn, buf: memoryview,
+             per_turn: int, now: float) -> None:
+        try:
+            recv(sock, chan, conn, buf, per_turn, now)
+        except ssl.SSLError as exc:
+            self.failed(chan, conn, exc.reason or str(exc))
+
+    def send(self, sock: socket.socket, chan: TlsChannel, conn: Conn, now: float) -> None:
+        try:
+            send(sock, chan, conn, now)
+        except ssl.SSLError as exc:  # e.g. the peer's close_notify came first
+            self.failed(chan, conn, exc.reason or str(exc))
+
+    def end(self, sock: socket.socket, chan: TlsChannel, conn: Conn) -> None:
+        """Before the socket closes: a peer that left in the middle of the TLS handshake
+        (a client that did not trust us may just hang up) is a failure too; a session that
+        was up gets a close_notify, if the socket takes it."""
+        if not chan.handshaken and not chan.failed:
+            self.failed(chan, conn, "the handshake did not finish")
+        try:
+            sock.send(chan.close_notify())
+        except (OSError, ssl.SSLError):
+            pass
+
+    def failed(self, chan: TlsChannel, conn: Conn, why: str) -> None:
+        """The peer broke TLS (did not trust our certificate, does not speak TLS, went
+        away): that connection ends; counted, and logged at most once a second."""
+        chan.failed = True
+        conn.dead = True
+        self.stats.tls_failures += 1
+        now = time.monotonic()
+        if now - self._last_log > 1.0:
+            self._last_log = now
+            self.log(f"nbd: TLS with {conn.peer} (node{conn.identity}) failed: {why} "
+                     f"({self.stats.tls_failures} so far)")
