@@ -292,9 +292,14 @@ def _tls_lines(raw: dict[str, Any]) -> list[str]:
     d = t["certificates"]
     return [f"NBD TLS {t['mode']}" + (" (client certificates verified)" if t["verify_peer"]
                                        else "") + f": the cluster's CA is {t['ca']}",
-            f"  libnbd (nbdinfo, nbdcopy, fio): add ?tls-certificates={d} to the URI "
+            f"  nbdinfo, nbdcopy, nbdsh: add ?tls-certificates={d} to the URI "
             "(&tls-certificates=... after ?socket=)",
-            f"  qemu: --object tls-creds-x509,id=tls0,endpoint=client,dir={d} and tls-creds=tls0"]
+            # fio's nbd engine does not let libnbd read local files named in a URI: it finds
+            # the CA in libnbd's default directory only.
+            f"  fio (ioengine=nbd): no tls-certificates= in its URI; libnbd reads "
+            f"~/.pki/libnbd (root: /etc/pki/libnbd): ln -s {d} ~/.pki/libnbd",
+            f"  qemu: --object tls-creds-x509,id=tls0,endpoint=client,dir={d} and "
+            "tls-creds=tls0 (on a Unix socket also tls-hostname=localhost)"]
 
 
 def corruption_lines(raw: dict[str, Any]) -> list[str]:
