@@ -36,7 +36,8 @@ Memory bound. Everything the NBD service buffers is counted (domains/nbd_conn.py
 connection holds at most its reserve, 1 MiB + 64 KiB each way in transmission (32 KiB each
 way, plus one option's replies, in the handshake), and beyond it a share of one pool of
 64 MiB for the whole domain. So all of a domain's NBD connections together hold at most
-`Limits().bound()` = 64 x (2 MiB + 132 KiB) + 64 MiB, about 200 MiB, plus transient
+`Limits().bound()` = 64 x (2 MiB + 132 KiB + 160 KiB for TLS) + 64 MiB, about 210 MiB
+(200 MiB of counted bytes; the rest is OpenSSL's, domains/nbd_limits.TLS_EXTRA), plus transient
 per-step buffers (one received chunk of 256 KiB, one 1 MiB piece), however many clients
 connect and whatever they send or fail to read. Kernel socket buffers are the kernel's
 (bounded by net.ipv4.tcp_rmem/tcp_wmem) and not in the domain's RSS.
