@@ -76,6 +76,9 @@ class Control:
     def endpoint(self, name: str) -> str:
         return datadir.run_dir(self.info).identity(self.node(name))
 
+    def hypervisor_alive(self) -> bool:
+        return pid_alive(int(self.info.get("hypervisor_pid", 0)))
+
     def close(self) -> None:
         self.rpc.close()
         self.ctx.term()
@@ -167,7 +170,8 @@ class Cluster:
     def stop(self, timeout: float = 60.0) -> None:
         if self.ctl is not None:
             try:
-                self.ctl.call("shutdown", timeout=timeout)
+                if self.ctl.hypervisor_alive():  # a dead one would cost the whole timeout
+                    self.ctl.call("shutdown", timeout=timeout)
             except VmemuError:
                 pass
             self.ctl.close()

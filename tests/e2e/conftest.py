@@ -192,7 +192,7 @@ def make_cluster(tmp_path):
     yield make
     for c in started:
         try:
-            if c.ctl is not None:
+            if c.ctl is not None and c.ctl.hypervisor_alive():
                 track(c.status())
         except Exception:
             pass
