@@ -19,7 +19,7 @@ from domains import nbd_server as S
 from domains import nbd_tls
 from domains.nbd_limits import Limits
 from tests.unit.test_nbd_proto import Wire, info_data, opt, req
-from tests.unit.test_nbd_server import Client, FakeD, Loop, pump
+from tests.unit.test_nbd_server import Client, FakeD, Loop
 from vmemu import tls as creds
 
 MiB = 1 << 20
