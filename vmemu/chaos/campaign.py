@@ -86,6 +86,8 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
             "valid": sum(1 for r in results if not failed(r)),
             "invalid": sum(1 for r in results if r["valid"] is False),
             "unknown": sum(1 for r in results if r["valid"] == "unknown"),
+            # linearizable or not, out of service past a budget (a run may be both)
+            "unavailable": sum(1 for r in results if r.get("availability_ok") is False),
             "nemesis_errors": sum(1 for r in results if r.get("nemesis_error")),
             "faults": dict(sorted(faults.items())), "ops": ops,
             "failing_seeds": sorted(r["seed"] for r in results if failed(r))}
