@@ -87,8 +87,8 @@ def register(cli: click.Group) -> None:
                   default=DEFAULT_BUDGET, show_default=True,
                   help="The checker's seconds per block before it says unknown.")
     @click.option("--availability-slack", "slack", type=click.FloatRange(min=0, min_open=True),
-                  default=1.0, show_default=True,
-                  help="Multiply every availability budget by this (a loaded host: 2, 3).")
+                  default=None, help="Multiply every availability budget by this (a loaded "
+                  "host: 2, 3). Default 1; with --replay or --shrink, the run's own.")
     @click.option("--json", "as_json", is_flag=True, help="Print the result (or the "
                   "campaign summary) as JSON.")
     @click.option("--broken", type=click.Choice(["unlogged_ack"]), default=None, hidden=True,
@@ -96,7 +96,7 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     def chaos(ctx: click.Context, seed: int | None, duration: str, runs: int, jobs: int,
               out: str | None, nodes: int, kinds: str, replay: str | None, shrink: str | None,
-              budget: float, slack: float, as_json: bool, broken: str | None) -> None:
+              budget: float, slack: float | None, as_json: bool, broken: str | None) -> None:
         if ctx.invoked_subcommand is not None:
             return
         from vmemu.chaos import cli_run

@@ -74,8 +74,8 @@ def test_a_kill_answered_too_late_fails_the_run_naming_the_fault():
     assert v["fault"] == {"index": 1, "kind": "kill_in_cp", "target": "node1"}
     assert v["gap_s"] == pytest.approx(1.7, abs=0.001)
     line = av.describe(v)
-    assert line == ("node1: no op answered for 1.70s from t+20.0s (the takeover after the "
-                    "kill of fault 1, kill_in_cp node1), budget 1s")
+    assert line == ("node1: no op answered for 1.70s from t+20.0s (fault 1, kill_in_cp node1: "
+                    "after a kill), budget 1s")
     # the same run on a host allowed twice the time passes
     assert judge(ops, faults, slack=2.0)["ok"]
 
@@ -203,3 +203,19 @@ def test_every_fault_kind_has_a_budget():
     assert set(av.FIRST_CLOCK) == set(KINDS)
     assert set(av.FIRST_CLOCK.values()) <= set(av.BUDGETS)
     assert av.BUDGETS["hang"].seconds(2.0) == 3.0 and av.BUDGETS["kill"].seconds(2.0, 1.5) == 1.5
+
+
+def test_a_partner_declared_failed_while_it_served_is_named_beside_the_fault():
+    """What a starved host does: node2 took node1 over, then missed its heartbeats while
+    node1 booted, and was fenced too. The fault's clock catches the stall; the violation
+    says which failure the schedule did not ask for."""
+    events = [ev("failure_detected", 10.05, "node1", reason="exit"),
+              ev("failure_detected", 14.5, "node2", reason="heartbeat")]
+    ops = steady("node1", 0, 30, [(10.0, 10.3), (14.0, 22.0)]) + \
+        steady("node2", 0, 30, [(14.0, 25.0)])
+    a = judge(ops, [kill(0, 10.0, 26.0)], events)
+    v = next(v for v in a["violations"] if v["identity"] == "node2")
+    assert (v["what"], v["from_s"], v["to_s"]) == ("kill", 14.0, 25.0)
+    assert v["unplanned"] == ["node2 declared failed (heartbeat) at t+14.5s"]
+    assert av.describe(v).endswith("budget 1s; node2 declared failed (heartbeat) at t+14.5s, "
+                                   "not by the schedule")

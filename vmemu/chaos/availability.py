@@ -67,6 +67,7 @@ class Clock:
     kind: str
     target: str
     fault_end: float
+    planned: frozenset[str] = frozenset()  # the nodes the fault killed or stopped
 
 
 def _kills(f: dict[str, Any], events: list[dict[str, Any]]) -> list[tuple[str, float]]:
@@ -116,8 +117,10 @@ def clocks(faults: list[dict[str, Any]], events: list[dict[str, Any]],
         touched += [partner(n) for n in f.get("killed", [])]
         idents = list(dict.fromkeys(t for t in touched if t))
 
+        planned = frozenset(list(f.get("killed", [])) + [f.get("paused") or f["target"]])
+
         def clock(ident: str, at: float, what: str) -> Clock:
-            return Clock(ident, at, what, int(f["index"]), f["kind"], f["target"], end)
+            return Clock(ident, at, what, int(f["index"]), f["kind"], f["target"], end, planned)
 
         out += [clock(i, start, FIRST_CLOCK[f["kind"]]) for i in idents]
         kills = _kills(f, events)
@@ -155,6 +158,30 @@ def _stretches(times: list[float], t0: float, t_end: float) -> list[tuple[float,
     return list(zip(edges, edges[1:]))
 
 
+def _outage(c: Clock, spans: list[tuple[float, float]], ends: list[float],
+            w_end: float) -> tuple[float, float, float]:
+    """The clock's longest stretch without an ok completion, clipped to its window
+    [c.start, w_end): (length, from, to). Only stretches that began before its fault's
+    healing was over (and a grace) count: a later stall is not this fault's."""
+    best = (0.0, c.start, c.start)
+    for a, b in spans[bisect_right(ends, c.start):]:
+        if a >= w_end or a >= c.fault_end + GRACE_S:
+            break
+        lo, hi = max(a, c.start), min(b, w_end)
+        if hi - lo > best[0]:
+            best = (hi - lo, lo, hi)
+    return best
+
+
+def _unplanned(c: Clock, lo: float, hi: float, events: list[dict[str, Any]],
+               t0: float) -> list[str]:
+    """Nodes Domain 0 declared failed within [lo, hi] that the fault did not kill or stop:
+    on a starved host, a partner that missed its heartbeats while it served two identities."""
+    return [f"{e['node']} declared failed ({e.get('reason', '?')}) at t+{e['mono'] - t0:.1f}s"
+            for e in events if e.get("kind") == "failure_detected"
+            and lo <= float(e["mono"]) <= hi and e.get("node") not in c.planned]
+
+
 def judge(ops: list[dict[str, Any]], faults: list[dict[str, Any]],
           events: list[dict[str, Any]], t0: float, t_end: float, detection_s: float,
           partner: Callable[[str], str | None], slack: float = 1.0) -> dict[str, Any]:
@@ -175,42 +202,44 @@ def judge(ops: list[dict[str, Any]], faults: list[dict[str, Any]],
     for ident, times in sorted(oks.items()):
         spans = _stretches(sorted(times), t0, t_end)
         ends = [b for _, b in spans]
-        cs = by_ident.get(ident, [])
+        cs = [c for c in by_ident.get(ident, []) if c.start < t_end]
         for j, c in enumerate(cs):
-            if c.start >= t_end:
-                continue
-            w_end = min(cs[j + 1].start if j + 1 < len(cs) else t_end, t_end)
-            gap = 0.0
-            for a, b in spans[bisect_right(ends, c.start):]:
-                if a >= w_end or a >= c.fault_end + GRACE_S:
-                    break
-                gap = max(gap, min(b, w_end) - max(a, c.start))
+            w_end = cs[j + 1].start if j + 1 < len(cs) else t_end
+            gap, lo, hi = _outage(c, spans, ends, w_end)
             rec: dict[str, Any] = {"identity": ident, "fault": _fault(c), "what": c.what,
-                                   "at_s": round(c.start - t0, 3), "gap_s": round(gap, 3)}
+                                   "at_s": round(c.start - t0, 3), "gap_s": round(gap, 3),
+                                   "from_s": round(lo - t0, 3), "to_s": round(hi - t0, 3)}
             if c.what in BUDGETS:
                 rec["budget_s"] = round(BUDGETS[c.what].seconds(detection_s, slack), 3)
                 if gap > rec["budget_s"]:
-                    violations.append(rec)
+                    violations.append(dict(rec, unplanned=_unplanned(c, lo, hi, events, t0)))
             outages.append(rec)
-        down = explained = 0.0
-        for a, b in spans:
-            if b - a <= GAP_S:
-                continue
-            down += b - a
-            hit = [c.start for c in cs if c.start < b and a < c.fault_end + GRACE_S]
-            lone = b - a if not hit else max(0.0, min(hit) - a)
-            explained += (b - a) - lone
-            if lone > UNEXPLAINED_S * slack and lone > GAP_S:
-                violations.append({"identity": ident, "fault": None, "what": "unexplained",
-                                   "at_s": round(a - t0, 3), "gap_s": round(lone, 3),
-                                   "budget_s": round(UNEXPLAINED_S * slack, 3)})
-        identities[ident] = {"unavailable_s": round(down, 3), "explained_s": round(explained, 3),
-                             "unexplained_s": round(down - explained, 3),
-                             "longest_s": round(max((b - a for a, b in spans
-                                                     if b - a > GAP_S), default=0.0), 3)}
+        identities[ident] = _figures(ident, spans, cs, t0, slack, violations)
     violations.sort(key=lambda v: v["at_s"])
     return {"ok": not violations, "violations": violations, "identities": identities,
             "outages": outages}
+
+
+def _figures(ident: str, spans: list[tuple[float, float]], cs: list[Clock], t0: float,
+             slack: float, violations: list[dict[str, Any]]) -> dict[str, float]:
+    """Per identity: seconds in stretches over GAP_S, how much of them a fault's clock
+    accounts for; an unexplained stretch over its limit is added to `violations`."""
+    down = explained = 0.0
+    for a, b in spans:
+        if b - a <= GAP_S:
+            continue
+        down += b - a
+        hit = [c.start for c in cs if c.start < b and a < c.fault_end + GRACE_S]
+        lone = b - a if not hit else max(0.0, min(hit) - a)  # before the first clock in it
+        explained += (b - a) - lone
+        if lone > UNEXPLAINED_S * slack and lone > GAP_S:
+            violations.append({"identity": ident, "fault": None, "what": "unexplained",
+                               "at_s": round(a - t0, 3), "gap_s": round(lone, 3),
+                               "from_s": round(a - t0, 3), "to_s": round(a + lone - t0, 3),
+                               "budget_s": round(UNEXPLAINED_S * slack, 3)})
+    return {"unavailable_s": round(down, 3), "explained_s": round(explained, 3),
+            "unexplained_s": round(down - explained, 3),
+            "longest_s": round(max((b - a for a, b in spans if b - a > GAP_S), default=0.0), 3)}
 
 
 def _fault(c: Clock) -> dict[str, Any]:
@@ -220,11 +249,12 @@ def _fault(c: Clock) -> dict[str, Any]:
 def describe(v: dict[str, Any]) -> str:
     """One violation in a line: which identity, how long, against what, and which fault."""
     f = v.get("fault")
-    cause = (f"{_STAGE.get(v['what'], v['what'])} of fault {f['index']}, {f['kind']} "
-             f"{f['target']}" if f else "unexplained: no fault near it")
-    return (f"{v['identity']}: no op answered for {v['gap_s']:.2f}s from t+{v['at_s']:.1f}s "
-            f"({cause}), budget {v['budget_s']:.3g}s")
+    cause = (f"fault {f['index']}, {f['kind']} {f['target']}: "
+             f"{_STAGE.get(v['what'], v['what'])}" if f else "unexplained: no fault near it")
+    also = "".join(f"; {u}, not by the schedule" for u in v.get("unplanned", []))
+    return (f"{v['identity']}: no op answered for {v['gap_s']:.2f}s from "
+            f"t+{v.get('from_s', v['at_s']):.1f}s ({cause}), budget {v['budget_s']:.3g}s{also}")
 
 
-_STAGE = {"kill": "the takeover after the kill", "hang": "the hang",
-          "giveback": "the giveback", "double": "the return from the double failure"}
+_STAGE = {"kill": "after a kill", "hang": "after the hang", "giveback": "after a giveback",
+          "double": "after a node came back from the double failure"}

@@ -40,7 +40,7 @@ def _fail(msg: str) -> int:
 
 def main(*, seed: int | None, duration: str, runs: int, jobs: int, out: str | None, nodes: int,
          kinds: str, replay: str | None, shrink: str | None, budget: float, as_json: bool,
-         broken: str, slack: float = 1.0) -> int:
+         broken: str, slack: float | None = None) -> int:
     console = Console(stderr=as_json)
     try:
         dur = parse_duration(duration)
@@ -53,12 +53,13 @@ def main(*, seed: int | None, duration: str, runs: int, jobs: int, out: str | No
                      f"known: {', '.join(KINDS)}")
     try:
         if shrink:
-            res = camp.shrink(Path(shrink), progress=lambda m: console.print(f"  {m}"))
+            res = camp.shrink(Path(shrink), progress=lambda m: console.print(f"  {m}"),
+                              slack=slack)
             _print(res, as_json, lambda: _shrink_lines(console, res))
             return 0 if res.get("reproduced") else 1
         if replay:
             dest = Path(out) if out else Path(replay) / "replay"
-            res = camp.replay(Path(replay), dest)
+            res = camp.replay(Path(replay), dest, slack=slack)
             _print(res, as_json, lambda: _run_lines(console, res))
             return 1 if failed(res) else 0
     except ScheduleError as exc:
@@ -67,7 +68,7 @@ def main(*, seed: int | None, duration: str, runs: int, jobs: int, out: str | No
         seed = secrets.randbelow(1 << 31)
         console.print(f"seed {seed} (drawn; --seed {seed} runs it again)")
     spec = RunSpec(seed=seed, duration=dur, nodes=nodes, kinds=kind_list, budget_s=budget,
-                   broken=broken, mix=Mix(), availability_slack=slack)
+                   broken=broken, mix=Mix(), availability_slack=slack or 1.0)
     base = Path(out) if out else Path("chaos-runs")
     if runs == 1:
         res = run(spec, base / f"seed-{seed}", progress=lambda r: console.print(_fault_line(r)))

@@ -14,6 +14,7 @@ from typing import Any
 
 from rich.console import Console
 
+from vmemu.chaos.availability import BUDGETS, describe
 from vmemu.chaos.run import RunSpec, failed, run
 from vmemu.chaos.schedule import KINDS, Fault, Schedule
 
@@ -69,6 +70,18 @@ def run_lesson(console: Console | None = None, fast: bool = False,
             "came back from the dead, no read saw the future.")
     else:
         say(f"[bold red]Verdict: {res['valid']}[/]: see {out}/verdict.json")
+    longest = max((o["gap_s"] for o in res.get("outages", []) if "budget_s" in o),
+                  default=0.0)
+    if res.get("availability_ok"):
+        budgets = "; ".join(f"{k}: {b.base_s:g} s" + (" past detection" if b.plus_detection
+                                                          else "") for k, b in BUDGETS.items())
+        say(f"[bold green]Availability: within budget.[/] After each fault every identity "
+            f"answered its clients again in time ({budgets}); the longest wait was "
+            f"{longest:.2f}s.")
+    else:
+        say("[bold red]Availability: out of service past a budget[/]:")
+        for v in res.get("availability_violations", []):
+            say(f"  {describe(v)}")
     say("What this does not prove: that no other schedule fails. That is what "
         "`vmemu chaos --runs 1000` is for.")
     say(f"Run dir: {out} (timeline.png shows the ops and the faults on one axis)")
