@@ -2,6 +2,13 @@
 
 Short runs (a few seconds of clients, one or two faults each): the campaign's machinery and
 the verdict's power to fail are what is tested here; the long campaigns are for users.
+
+Runs that must pass are judged with the availability budgets doubled (SLACK), as
+docs/chaos.md advises for a loaded host: under `-n 2`, with the campaign's two clusters
+beside another test's on two shared cores, a hang was measured at 2.01 s against its 2 s
+(detection 0.99 s, fencing 0.34 s, replay 0.58 s). The budgets themselves are unit-tested
+(tests/unit/test_chaos_availability.py), and a replay judged with budgets a thousand times
+too tight must fail.
 """
 
 from __future__ import annotations
@@ -14,6 +21,9 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.e2e
+
+
+SLACK = "2"
 
 
 def chaos(tmp_path: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -46,7 +56,7 @@ def test_a_run_through_a_phase_fault_is_linearizable_available_and_replays_the_s
         tmp_path):
     """The replay is judged with budgets a thousand times too tight: the same faults, and now
     a run that fails on availability alone, naming the fault whose outage broke its budget."""
-    p = chaos(tmp_path, "--seed", "11", "--duration", "8s",
+    p = chaos(tmp_path, "--seed", "11", "--duration", "8s", "--availability-slack", SLACK,
               "--faults", "kill_in_replay,pause_long", "--json", "--out", "runs")
     assert p.returncode == 0, p.stdout + p.stderr
     res = json.loads(p.stdout)
@@ -100,7 +110,8 @@ def test_a_campaign_of_five_fixed_seeds_runs_them_two_at_a_time_and_sums_them_up
     so the hang, kill and giveback budgets are all judged. About 50 s on two
     shared cores, most of it guests booting."""
     p = chaos(tmp_path, "--runs", "5", "--jobs", "2", "--seed", "1471", "--duration", "4s",
-              "--faults", "pause_short,kill", "--json", "--out", "camp")
+              "--faults", "pause_short,kill", "--availability-slack", SLACK, "--json",
+              "--out", "camp")
     results = {d.name: json.loads((d / "result.json").read_text())
                for d in (tmp_path / "camp").glob("seed-*") if (d / "result.json").exists()}
     why = {k: (r["valid"], r.get("availability_violations"), r.get("nemesis_error"))

@@ -19,6 +19,10 @@ from vmemu.chaos.run import RunSpec, failed, run
 from vmemu.chaos.schedule import KINDS, Fault, Schedule
 
 SEED = 7
+# A lesson runs on whatever host it is given, often a shared laptop: its availability is
+# judged with the budgets doubled, and says so (docs/chaos.md: a takeover of 1 s and a hang
+# of 2.01 s were measured on two cores shared by three clusters and other work).
+SLACK = 2.0
 
 
 def lesson_schedule(fast: bool) -> Schedule:
@@ -59,7 +63,7 @@ def run_lesson(console: Console | None = None, fast: bool = False,
             f"{rec.get('healed_s', 0):.1f}s (restart, giveback)")
 
     res = run(RunSpec(seed=SEED, duration=sched.duration, nodes=2, kinds=("kill",),
-                      budget_s=10.0), out, sched, progress=on_fault)
+                      budget_s=10.0, availability_slack=SLACK), out, sched, progress=on_fault)
     ops = res["ops"]
     say(f"[bold]The history[/]: {sum(ops.values())} ops, {ops.get('info', 0)} of them "
         "indeterminate (cut by a crash: they may or may not have happened, and the checker "
@@ -76,8 +80,8 @@ def run_lesson(console: Console | None = None, fast: bool = False,
         budgets = "; ".join(f"{k}: {b.base_s:g} s" + (" past detection" if b.plus_detection
                                                           else "") for k, b in BUDGETS.items())
         say(f"[bold green]Availability: within budget.[/] After each fault every identity "
-            f"answered its clients again in time ({budgets}); the longest wait was "
-            f"{longest:.2f}s.")
+            f"answered its clients again in time ({budgets}; doubled here, as for any shared "
+            f"host); the longest wait was {longest:.2f}s.")
     else:
         say("[bold red]Availability: out of service past a budget[/]:")
         for v in res.get("availability_violations", []):
