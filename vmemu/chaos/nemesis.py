@@ -66,6 +66,8 @@ class Nemesis:
         self.tail.new()  # from here on
         self.nodes = cluster.control.config.nodes
         self.pids_before: dict[str, int | None] = {}
+        # This fault's kills, (node, mono): each starts an availability clock (availability.py)
+        self.kills: list[tuple[str, float]] = []
         self.topology = cluster.control.config.topology
 
     # -- what the cluster looks like -------------------------------------------------------
@@ -106,12 +108,17 @@ class Nemesis:
             return {"skipped": f"{f.target} is {node['state']}, the cluster not all serving"}
         self.tail.new()  # only events after the fault count as its triggers
         self.pids_before = {n["name"]: n["pid"] for n in st.nodes}
+        self.kills = []
         do = getattr(self, f"_{f.kind}")
-        return do(f, int(node["pid"]))
+        rec = do(f, int(node["pid"]))
+        if self.kills:
+            rec["kills"] = [[n, round(t, 6)] for n, t in self.kills]
+        return rec
 
     def _crash(self, node: str) -> float:
         t = time.monotonic()
         self.c.crash(node)
+        self.kills.append((node, t))
         return t
 
     def _kill(self, f: Fault, pid: int) -> dict[str, Any]:
@@ -161,7 +168,7 @@ class Nemesis:
 
     def _crash_if_alive(self, node: str) -> bool:
         try:
-            self.c.crash(node)
+            self._crash(node)
             return True
         except VmemuError:
             return False  # already down: the phase ended in a failure of its own
