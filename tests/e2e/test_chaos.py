@@ -13,6 +13,7 @@ too tight must fail.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -23,7 +24,10 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 
-SLACK = "2"
+# The runs that must pass judge availability with budgets x5: on two cores shared by three
+# clusters a takeover was measured at the 1 s budget itself (docs/chaos.md); the verdict's
+# power to fail is shown with --availability-slack 0.001 below.
+SLACK = "5"
 
 
 def chaos(tmp_path: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -128,9 +132,14 @@ def test_a_campaign_of_five_fixed_seeds_runs_them_two_at_a_time_and_sums_them_up
 
 
 def test_the_chaos_demo_tells_its_faults_and_its_verdict(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "vmemu.cli", "demo", "chaos", "--fast"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout + p.stderr
-    out = " ".join(p.stdout.split())
+    from rich.console import Console
+
+    from vmemu.chaos.lesson import lesson_failed, run_lesson
+
+    buf = io.StringIO()
+    res = run_lesson(Console(file=buf, width=200), fast=True, out=tmp_path / "lesson",
+                     availability_slack=float(SLACK))
+    out = " ".join(buf.getvalue().split())
+    assert not lesson_failed(res), out
     assert "kill_in_replay node2" in out and "Verdict: linearizable" in out
     assert "fenced while stopped" in out

@@ -34,7 +34,7 @@ def lesson_schedule(fast: bool) -> Schedule:
 
 
 def run_lesson(console: Console | None = None, fast: bool = False,
-               out: Path | None = None) -> dict[str, Any]:
+               out: Path | None = None, availability_slack: float = SLACK) -> dict[str, Any]:
     console = console or Console()
     sched = lesson_schedule(fast)
     out = out or Path(tempfile.mkdtemp(prefix="vmemu-chaos-demo-"))
@@ -63,7 +63,7 @@ def run_lesson(console: Console | None = None, fast: bool = False,
             f"{rec.get('healed_s', 0):.1f}s (restart, giveback)")
 
     res = run(RunSpec(seed=SEED, duration=sched.duration, nodes=2, kinds=("kill",),
-                      budget_s=10.0, availability_slack=SLACK), out, sched, progress=on_fault)
+                      budget_s=10.0, availability_slack=availability_slack), out, sched, progress=on_fault)
     ops = res["ops"]
     say(f"[bold]The history[/]: {sum(ops.values())} ops, {ops.get('info', 0)} of them "
         "indeterminate (cut by a crash: they may or may not have happened, and the checker "
