@@ -109,7 +109,9 @@ def test_unix_socket_uri_survives_kill_and_giveback(make_cluster, tmp_path):
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700  # only our user gets in
     uri = f"nbd+unix:///lun0?socket={path}"
     assert n["unix_uris"][0] == uri and n["tls"] == "off"
-    assert {k: v["listening"] for k, v in listening(c).items()} == {"tcp": True, "unix": True}
+    # The listeners' view rides on the guest's heartbeats: polled for, not read once.
+    wait_until(lambda: {k: v["listening"] for k, v in listening(c).items()} ==
+               {"tcp": True, "unix": True}, 30, "node1 to report both listeners listening")
     p = run([nbdinfo, "--json", uri])
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["exports"][0]["export-size"] == 32 * MiB
@@ -133,6 +135,8 @@ def test_unix_socket_uri_survives_kill_and_giveback(make_cluster, tmp_path):
     c.crash("node1")  # SIGKILL: its socket file stays behind; the partner replaces it
     c.wait_for(lambda s: s.node("node1")["identity_served_by"] == "node2", 30, "takeover")
     compare()  # the same URI, node2 answering
+    wait_until(lambda: (listening(c).get("unix") or {}).get("listening"), 30,
+               "node2 to report node1's Unix listener")
     assert listening(c)["unix"] | {"attempts": 0} == {
         "address": str(path), "listening": True, "error": None, "holder": None,
         "down_s": None, "attempts": 0}
@@ -199,7 +203,8 @@ def test_tls_require_with_nbdinfo_qemu_and_fio_across_a_takeover(make_cluster, t
     c.wait_for(lambda s: s.node("node1")["identity_served_by"] == "node2", 30, "takeover")
     # The same URIs, the same certificate, node2 answering.
     assert nbd_of(c)["uris"][0] == f"nbds://{host}:{port}/lun0"
-    wait_until(lambda: all(v["listening"] for v in listening(c).values()), 10,
+    wait_until(lambda: (view := listening(c)) != {} and all(v["listening"]
+                                                         for v in view.values()), 30,
                "node2 to report node1's listeners")
     p = run([nbdinfo, tls_uri])
     assert p.returncode == 0 and "served by node2" in p.stdout, p.stdout + p.stderr
