@@ -27,12 +27,13 @@ from domains import mediator
 from domains.dmodule import DModule
 from domains.failover_monitor import FailoverMonitor
 from domains.mirror import MirrorReceiver, MirrorSender
+from domains import nbd_tls
 from domains.nbd_server import NbdServer
 from domains.nmodule import NModule
 from domains.rdb_host import RdbHost
 from storage import aggregate, nvlog, nvlog_check, nvlog_format, replay
 from storage import region as shm
-from vmemu import datadir
+from vmemu import datadir, tls
 from vmemu.privfs import lossy_stdio, set_umask
 from vmemu.bus import codec
 from vmemu.bus.rpc import RpcClient, RpcServer
@@ -96,13 +97,27 @@ class Guest:
         self.throttle = Throttle()
         self.nmodule.on_error = lambda ident, op, exc: self._internal_error(
             "block", op, exc, identity=ident)
-        self.nbd = NbdServer(self.dmodule, node, lambda ident: nbd_address(self.cfg, ident),
-                             self.nmodule.note_served,
-                             lambda msg: print(f"node{node}: {msg}", file=sys.stderr, flush=True))
+        self.nbd = self._nbd_server()
         self.monitor = FailoverMonitor(node, self.cfg.heartbeat_ms / 1000.0, self.ctx,
                                        info["control"], self._stats)
         self.next_cp = time.monotonic() + self.cfg.cp_interval_s
         self.stalled_until = 0.0
+
+    def _nbd_server(self) -> NbdServer:
+        """NBD on each identity's TCP address and/or Unix socket, with TLS if configured:
+        every guest loads the same server certificate (made by Domain 0 at `up`), so a
+        client that reconnects after a takeover meets the same one."""
+        cfg = self.cfg
+        ctx = None
+        if cfg.nbd_tls != "off":
+            ctx = nbd_tls.server_context(tls.tls_dir(self.dir), cfg.nbd_tls_verify_peer)
+        return NbdServer(
+            self.dmodule, self.node,
+            (lambda ident: nbd_address(cfg, ident)) if cfg.nbd_tcp else None,
+            self.nmodule.note_served,
+            lambda msg: print(f"node{self.node}: {msg}", file=sys.stderr, flush=True),
+            socket_of=self.rundir.nbd_socket if cfg.nbd_socket else None,
+            tls=ctx, tls_mode=cfg.nbd_tls, emit=self._event)
 
     # -- NVRAM -------------------------------------------------------------------------------
     def _allocate_region(self) -> tuple[int, mmap.mmap, int]:
@@ -360,7 +375,9 @@ class Guest:
             rep["from_mirror_copy"] = sum(1 for item in chain if isinstance(item[1], bytearray))
             replay_done = time.monotonic()
             self.nmodule.bind(ident)
-            self.nbd.bind(ident)
+            # A taken NBD address must not fail the takeover: the identity is served on the
+            # block protocol (and its other NBD listener) while the bind is retried.
+            self.nbd.bind(ident, deadline_s=0.5, retry=True)
         except Exception:
             self.nmodule.unbind(ident)
             self.nbd.unbind(ident)

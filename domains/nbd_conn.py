@@ -19,6 +19,13 @@ of `res_in` and `res_out` (one request of the advertised maximum block size each
 some pipelining), so no connection is ever starved of memory by the others; beyond its
 reserve it draws on a `Pool` shared by all connections of the domain, up to `conn_max` a
 direction. Work that would need more waits: reading stops, a READ waits to start.
+
+TLS. After NBD_OPT_STARTTLS is acknowledged (`tls_wanted`), nothing more is read or decoded
+until the transport has sent that reply and started TLS (`tls_begun`). The transport's
+encrypted bytes, received and not yet decrypted (`wire_in`) or encrypted and not yet sent
+(`wire_out`), count as this connection's: they take from the same room, are held against
+the same caps, and a connection is not finished while its last replies are still encrypted
+bytes on their way out.
 """
 
 from __future__ import annotations
@@ -68,6 +75,9 @@ class Conn(RequestRunner):
         self.dead = False
         self.starved = False  # the machine needs more input before it can decode anything
         self.excess = 0  # what this connection holds of the pool
+        self.tls_wanted: P.StartTls | None = None  # STARTTLS acknowledged, TLS not up yet
+        self.wire_in = 0  # the transport's TLS bytes, received and not decrypted yet
+        self.wire_out = 0  # the transport's TLS bytes, encrypted and not sent yet
         self.created = now
         self.last_io = now
         self._queue_output()  # the greeting
@@ -79,18 +89,18 @@ class Conn(RequestRunner):
         return self.proto.export is not None
 
     def in_bytes(self) -> int:
-        return self.proto.buffered() + self.queued_bytes
+        return self.proto.buffered() + self.queued_bytes + self.wire_in
 
     def out_bytes(self) -> int:
-        return self.out_held
+        return self.out_held + self.wire_out
 
     def sync(self) -> None:
         """Settle what this connection holds of the pool after its buffers changed."""
         new = 0
         if self.proto.export is not None and not self.dead:
             lim = self.limits
-            e_in = self.proto.buffered() + self.queued_bytes - lim.res_in
-            e_out = self.out_held - lim.res_out
+            e_in = self.proto.buffered() + self.queued_bytes + self.wire_in - lim.res_in
+            e_out = self.out_held + self.wire_out - lim.res_out
             new = (e_in if e_in > 0 else 0) + (e_out if e_out > 0 else 0)
         if new != self.excess:
             self.pool.used += new - self.excess
@@ -99,8 +109,8 @@ class Conn(RequestRunner):
     def _settle(self) -> None:
         """`sync`, unless nothing is or was beyond the reserves (the common case, no call)."""
         lim = self.limits
-        if self.excess or self.out_held > lim.res_out \
-                or self.proto.buffered() + self.queued_bytes > lim.res_in:
+        if self.excess or self.out_held + self.wire_out > lim.res_out \
+                or self.proto.buffered() + self.queued_bytes + self.wire_in > lim.res_in:
             self.sync()
 
     def _allowance(self, held: int, reserve: int) -> int:
@@ -114,9 +124,10 @@ class Conn(RequestRunner):
     def room_in(self) -> int:
         """Bytes that may be received now (0: do not read this connection)."""
         lim = self.limits
-        if self.eof or self.closing is not None or self.dead or len(self.jobs) >= lim.max_jobs:
+        if self.eof or self.closing is not None or self.dead or len(self.jobs) >= lim.max_jobs \
+                or self.tls_wanted is not None:
             return 0
-        held_in = self.proto.buffered() + self.queued_bytes
+        held_in = self.proto.buffered() + self.queued_bytes + self.wire_in
         if self.proto.export is None:  # the handshake
             return 0 if self.out_held >= lim.hs_out or held_in >= lim.hs_in else lim.hs_in - held_in
         if self.out_held > lim.res_out:
@@ -152,6 +163,7 @@ class Conn(RequestRunner):
 
     def can_decode(self) -> bool:
         return (self.closing is None and not self.starved and not self.dead
+                and self.tls_wanted is None
                 and len(self.jobs) < self.limits.max_jobs and self._room_out(_REPLY_ROOM))
 
     def runnable(self) -> bool:
@@ -161,11 +173,32 @@ class Conn(RequestRunner):
 
     def finished(self) -> bool:
         return self.dead or (self.closing is not None and not self.jobs and not self.out
-                             and not self.held)
+                             and not self.held and not self.wire_out)
 
     def waiting_on_peer(self) -> bool:
         """Holds bytes only the peer can release: unread replies, or half a request."""
-        return bool(self.out) or (self.starved and self.proto.buffered() > 0)
+        return bool(self.out) or self.wire_out > 0 or (
+            self.starved and self.proto.buffered() + self.wire_in > 0)
+
+    def tls_ready(self) -> bool:
+        """STARTTLS was acknowledged and the acknowledgement has left: TLS may start."""
+        return self.tls_wanted is not None and not self.out and not self.dead
+
+    def tls_begun(self) -> bytes:
+        """The transport has started TLS: haggling goes on over it. Returns what the client
+        sent after STARTTLS (TLS bytes, for the transport's TLS)."""
+        assert self.tls_wanted is not None
+        leftover, self.tls_wanted = self.tls_wanted.leftover, None
+        self.proto.tls_started()
+        self.starved = False
+        return leftover
+
+    def set_wire(self, wire_in: int, wire_out: int) -> None:
+        """The transport's TLS bytes now held: settled against the pool at once, so a
+        record being assembled takes room like any other byte of this connection."""
+        if wire_in != self.wire_in or wire_out != self.wire_out:
+            self.wire_in, self.wire_out = wire_in, wire_out
+            self._settle()
 
     # -- input ---------------------------------------------------------------------------------
     def feed(self, data: bytes | bytearray | memoryview, now: float = 0.0) -> None:
@@ -179,7 +212,7 @@ class Conn(RequestRunner):
 
     def decode(self, budget: int, now: float = 0.0) -> int:
         """Move decoded requests into the job queue; returns the messages decoded (<= budget)."""
-        if self.closing is not None or self.starved or self.dead:
+        if self.closing is not None or self.starved or self.dead or self.tls_wanted is not None:
             return 0
         used = 0
         proto, jobs, max_jobs = self.proto, self.jobs, self.limits.max_jobs
@@ -231,9 +264,11 @@ class Conn(RequestRunner):
                     break
                 used += 1
                 continue
-            used += 1  # only a Close comes out of the handshake
+            used += 1  # only a Close or a StartTls comes out of the handshake
             if ev.__class__ is P.Close:
                 self.closing, self.closing_since = ev, now
+            elif ev.__class__ is P.StartTls:
+                self.tls_wanted = ev
             break
         return used
 

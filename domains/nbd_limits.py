@@ -11,6 +11,9 @@ from domains import nbd_proto as P
 
 KiB = 1 << 10
 MiB = 1 << 20
+# A TLS connection (domains/nbd_tls.py) holds, beyond the bytes it counts, OpenSSL's state
+# (~40 KiB measured), a record being assembled, and the plaintext chunk being encrypted.
+TLS_EXTRA = 160 * KiB
 
 
 @dataclass(frozen=True)
@@ -45,9 +48,11 @@ class Limits:
     accept_backoff_s: float = 0.1  # EMFILE and kin: the listener is not polled meanwhile
 
     def bound(self) -> int:
-        """Bytes all connections of a domain may hold at once (the pool and every reserve)."""
+        """Bytes all connections of a domain may hold at once (the pool and every reserve,
+        and with TLS one connection's TLS state and the record or chunk in flight beyond
+        what is counted: TLS_EXTRA)."""
         handshake = self.hs_in + self.hs_out + P.MAX_LIST_REPLY + 8 * (P.MAX_STRING + 64)
-        per_conn = max(handshake, self.res_in + self.res_out + P.MAX_REPLY)
+        per_conn = max(handshake, self.res_in + self.res_out + P.MAX_REPLY) + TLS_EXTRA
         return self.max_conns * per_conn + self.shared
 
 
@@ -74,3 +79,5 @@ class Stats:
     idle_timeouts: int = 0
     stall_timeouts: int = 0
     accept_backoffs: int = 0  # EMFILE/ENFILE/ENOBUFS/ENOMEM on accept
+    tls_sessions: int = 0  # STARTTLS acknowledged, TLS started
+    tls_failures: int = 0  # TLS broken by the peer (handshake refused, not TLS, bad record)

@@ -10,8 +10,8 @@ error reply and the connection keeps serving.
 What is spoken (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md):
 
 - fixed newstyle handshake; handshake flags FIXED_NEWSTYLE | NO_ZEROES;
-- options GO, INFO, LIST, EXPORT_NAME, ABORT, STRUCTURED_REPLY; any other option (STARTTLS,
-  metadata contexts, extended headers, ...) is answered NBD_REP_ERR_UNSUP;
+- options GO, INFO, LIST, EXPORT_NAME, ABORT, STRUCTURED_REPLY, STARTTLS (see "TLS"); any
+  other option (metadata contexts, extended headers, ...) is answered NBD_REP_ERR_UNSUP;
 - NBD_INFO_EXPORT, NAME and DESCRIPTION (when asked) and BLOCK_SIZE (always: minimum 512,
   preferred 4096, maximum 1 MiB, see "Sizes" below);
 - transmission flags HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_TRIM | SEND_WRITE_ZEROES |
@@ -40,6 +40,18 @@ domain's connections. Handshake input is bounded too: option data above MAX_OPTI
 skipped (never buffered), an NBD_OPT_LIST reply stops at MAX_LIST_REPLY bytes (exports left
 out stay reachable by name), and `decode_one` handles one option or request at a time, so
 the transport can stop decoding a client that does not read its replies.
+
+TLS (`tls`: "off", "on" or "require", the spec's NOTLS, SELECTIVETLS with no TLS-only export,
+and FORCEDTLS). The machine haggles; the transport encrypts (domains/nbd_tls.py). Off:
+NBD_OPT_STARTTLS is refused with NBD_REP_ERR_POLICY. Otherwise the first one is acknowledged
+and `decode_one` returns a `StartTls` event carrying whatever the client sent after it (the
+start of its TLS handshake, to be fed to TLS, not to the machine); the machine then decodes
+nothing until the transport calls `tls_started`, after which option haggling goes on over
+TLS with what was negotiated before forgotten (structured replies), as nbdkit does: nothing
+said in plaintext binds the encrypted session. A STARTTLS once TLS is up, or with data, is
+NBD_REP_ERR_INVALID. With "require", before TLS every option but STARTTLS and ABORT is
+answered NBD_REP_ERR_TLS_REQD, and NBD_OPT_EXPORT_NAME (which cannot be refused) closes the
+connection; after TLS, TLS_REQD is never sent.
 """
 
 from __future__ import annotations
@@ -79,6 +91,7 @@ REP_FLAG_ERROR = 1 << 31
 REP_ERR_UNSUP = REP_FLAG_ERROR | 1
 REP_ERR_POLICY = REP_FLAG_ERROR | 2
 REP_ERR_INVALID = REP_FLAG_ERROR | 3
+REP_ERR_TLS_REQD = REP_FLAG_ERROR | 5
 REP_ERR_UNKNOWN = REP_FLAG_ERROR | 6
 REP_ERR_TOO_BIG = REP_FLAG_ERROR | 9
 
@@ -153,7 +166,9 @@ _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _ERR_PAYLOAD = struct.Struct(">IH")
 
-KNOWN_OPTIONS = {OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_INFO, OPT_GO, OPT_STRUCTURED_REPLY}
+KNOWN_OPTIONS = {OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_INFO, OPT_GO, OPT_STRUCTURED_REPLY,
+                 OPT_STARTTLS}
+TLS_MODES = ("off", "on", "require")
 
 
 @dataclass(frozen=True)
@@ -188,7 +203,16 @@ class Close:
     clean: bool
 
 
-Event = Union[Request, Close]
+@dataclass(frozen=True)
+class StartTls:
+    """NBD_OPT_STARTTLS was acknowledged: once that reply is sent, the transport starts TLS
+    (server side), feeds it `leftover` (what the client sent after the option), and calls
+    `tls_started`."""
+
+    leftover: bytes
+
+
+Event = Union[Request, Close, StartTls]
 
 # parser states
 _S_CLIENT_FLAGS = "client_flags"
@@ -198,13 +222,20 @@ _S_OPTION_SKIP = "option_skip"
 _S_REQUEST = "request"
 _S_WRITE_DATA = "write_data"
 _S_WRITE_SKIP = "write_skip"
+_S_TLS = "tls"  # STARTTLS acknowledged: nothing is decoded until the transport has TLS up
 _S_CLOSED = "closed"
 
 
 class ServerProto:
     """One NBD connection, server side. See the module docstring."""
 
-    def __init__(self, exports: Sequence[Export], default: str | None = None) -> None:
+    def __init__(self, exports: Sequence[Export], default: str | None = None,
+                 tls: str = "off") -> None:
+        if tls not in TLS_MODES:
+            raise ValueError(f"tls must be one of {TLS_MODES}, not {tls!r}")
+        self.tls = tls
+        self.tls_active = False  # TLS is up (tls_started was called)
+        self._tls_event: StartTls | None = None
         self.exports = list(exports)
         self.default = default if default is not None else (self.exports[0].name if self.exports else "")
         self._in = bytearray()
@@ -273,6 +304,9 @@ class ServerProto:
                 return ev
             if self._close_pending is not None:
                 return self._close(self._close_pending)
+            if self._tls_event is not None:
+                ev, self._tls_event = self._tls_event, None
+                return ev
             if (self._pos, self._state, self._skip) == before:
                 # Nothing more can be decoded from what is buffered.
                 if self._eof:
@@ -394,6 +428,8 @@ class ServerProto:
                 self._state, self._need = _S_OPTION, 16
                 if self._opt == OPT_EXPORT_NAME:
                     self._close_pending = Close("export name too long", clean=False)
+                elif self._tls_required(self._opt):
+                    pass
                 elif self._opt in KNOWN_OPTIONS:
                     self._opt_error(self._opt, REP_ERR_TOO_BIG, "option data too large")
                 else:
@@ -449,7 +485,11 @@ class ServerProto:
 
     def _on_option(self, opt: int, data: bytes) -> None:
         self._state, self._need = _S_OPTION, 16
-        if opt == OPT_EXPORT_NAME:
+        if opt == OPT_STARTTLS:
+            self._on_starttls(data)
+        elif self._tls_required(opt):
+            pass
+        elif opt == OPT_EXPORT_NAME:
             exp = self._lookup(data.decode("utf-8", "replace"))
             if exp is None:
                 self._close_pending = Close("unknown export requested with NBD_OPT_EXPORT_NAME",
@@ -484,6 +524,43 @@ class ServerProto:
             self._opt_reply(opt, REP_ACK)
         else:
             self._opt_error(opt, REP_ERR_UNSUP, f"option {opt} is not supported")
+
+    def _tls_required(self, opt: int) -> bool:
+        """FORCEDTLS before TLS: refuse `opt` (True) unless it is ABORT (or STARTTLS)."""
+        if self.tls != "require" or self.tls_active or opt in (OPT_ABORT, OPT_STARTTLS):
+            return False
+        if opt == OPT_EXPORT_NAME:  # cannot be answered with an error: the spec says close
+            self._close_pending = Close("NBD_OPT_EXPORT_NAME without TLS on a server that "
+                                        "requires TLS", clean=False)
+        else:
+            self._opt_error(opt, REP_ERR_TLS_REQD, "this server requires TLS: connect with "
+                            "nbds:// (tls-certificates=<data-dir>/tls)")
+        return True
+
+    def _on_starttls(self, data: bytes) -> None:
+        if self.tls == "off":
+            self._opt_error(OPT_STARTTLS, REP_ERR_POLICY, "TLS is off on this server (vmemu up "
+                            "--nbd-tls on|require)")
+        elif self.tls_active:
+            self._opt_error(OPT_STARTTLS, REP_ERR_INVALID, "TLS is already on")
+        elif data:
+            self._opt_error(OPT_STARTTLS, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+        else:
+            self._opt_reply(OPT_STARTTLS, REP_ACK)
+            # What follows the option is TLS, not options: hand it over, keep nothing.
+            leftover = bytes(self._in[self._pos:])
+            self._in, self._pos = bytearray(), 0
+            self._state = _S_TLS
+            self._tls_event = StartTls(leftover)
+
+    def tls_started(self) -> None:
+        """The transport has TLS up: option haggling starts again, over TLS, from scratch
+        (what plaintext negotiated, structured replies, no longer holds)."""
+        if self._state != _S_TLS:
+            raise RuntimeError("tls_started without an acknowledged NBD_OPT_STARTTLS")
+        self.tls_active = True
+        self.structured = False
+        self._state, self._need = _S_OPTION, 16
 
     def _on_info(self, opt: int, data: bytes) -> None:
         if len(data) < 6:

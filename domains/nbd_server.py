@@ -1,10 +1,15 @@
-"""NBD transport of the N-module: non-blocking TCP, driven by the guest's poll loop.
+"""NBD transport of the N-module: non-blocking TCP and Unix sockets, driven by the guest's
+poll loop.
 
-Per identity this domain serves, one listening socket on the identity's own loopback address
-(`vmemu.config.nbd_address`: node N is base + N, 127.0.10.N by default), so a takeover is a
-real address takeover: the partner binds the failed node's address and clients reconnecting
-to the same URI reach it. `unbind(identity)` closes the listener and every connection of the
-identity (giveback, shutdown).
+Per identity this domain serves, a listening socket on the identity's own loopback address
+(`vmemu.config.nbd_address`: node N is base + N, 127.0.10.N by default) and/or on its Unix
+socket in the private run dir (`--nbd-socket`), so a takeover is a real address takeover:
+the partner binds the failed node's address and socket path, and clients reconnecting to
+the same URI reach it. A listener that cannot be bound (another user took the address) does
+not keep the identity from being served: it is retried in the background
+(domains/nbd_listen.py). `unbind(identity)` closes the listeners and every connection of the
+identity (giveback, shutdown). With an ssl context (`--nbd-tls on|require`) the machine
+acknowledges NBD_OPT_STARTTLS and the connection goes on over TLS (domains/nbd_tls.py).
 
 The guest's loop registers `poll_fds()` with its zmq.Poller (which polls raw descriptors as
 well as ZeroMQ sockets) and hands what was ready to `service()`. The protocol is the pure
@@ -31,7 +36,8 @@ Memory bound. Everything the NBD service buffers is counted (domains/nbd_conn.py
 connection holds at most its reserve, 1 MiB + 64 KiB each way in transmission (32 KiB each
 way, plus one option's replies, in the handshake), and beyond it a share of one pool of
 64 MiB for the whole domain. So all of a domain's NBD connections together hold at most
-`Limits().bound()` = 64 x (2 MiB + 132 KiB) + 64 MiB, about 200 MiB, plus transient
+`Limits().bound()` = 64 x (2 MiB + 132 KiB + 160 KiB for TLS) + 64 MiB, about 210 MiB
+(200 MiB of counted bytes; the rest is OpenSSL's, domains/nbd_limits.TLS_EXTRA), plus transient
 per-step buffers (one received chunk of 256 KiB, one 1 MiB piece), however many clients
 connect and whatever they send or fail to read. Kernel socket buffers are the kernel's
 (bounded by net.ipv4.tcp_rmem/tcp_wmem) and not in the domain's RSS.
@@ -42,46 +48,58 @@ from __future__ import annotations
 import errno
 import itertools
 import socket
+import ssl
+import struct
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Callable
 
 import zmq
 
 from domains import nbd_proto as P
+from domains import nbd_tls
 from domains.nbd_conn import Conn
 from domains.nbd_limits import Limits, Pool, Stats
+from domains.nbd_listen import Endpoint, Listeners
 from domains.nbd_requests import exports_of
-from vmemu.errors import Fenced, VmemuError
+from vmemu.errors import Fenced
 
 _BACKOFF_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 class _Peer:
-    __slots__ = ("sock", "fd", "conn")
+    __slots__ = ("sock", "fd", "conn", "tls")
 
     def __init__(self, sock: socket.socket, conn: Conn) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.conn = conn
+        self.tls: nbd_tls.TlsChannel | None = None
 
 
 class NbdServer:
-    def __init__(self, dmodule: Any, node: int, address_of: Callable[[int], tuple[str, int]],
+    def __init__(self, dmodule: Any, node: int,
+                 address_of: Callable[[int], tuple[str, int]] | None,
                  on_request: Callable[[int], None] | None = None,
-                 log: Callable[[str], None] | None = None, limits: Limits | None = None) -> None:
+                 log: Callable[[str], None] | None = None, limits: Limits | None = None,
+                 socket_of: Callable[[int], Path] | None = None,
+                 tls: ssl.SSLContext | None = None, tls_mode: str = "off",
+                 emit: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         """`dmodule`: write/read/flush/served as domains.dmodule.DModule;
-        `address_of(identity) -> (host, port)`; `on_request(identity)` after each answer."""
+        `address_of(identity) -> (host, port)` (None: no TCP); `socket_of(identity) -> path`
+        (None: no Unix socket); `on_request(identity)` after each answer; `tls`: the server's
+        ssl context, `tls_mode` "on" or "require" with it; `emit(kind, fields)`: events."""
         self.d = dmodule
         self.node = node
-        self.address_of = address_of
         self.on_request = on_request
         self.log = log or (lambda msg: None)
         self.limits = limits or Limits()
         self.pool = Pool(self.limits.shared)
         self.stats = Stats()
-        self.listeners: dict[int, socket.socket] = {}  # identity -> listening socket
-        self.by_listener_fd: dict[int, int] = {}  # fd -> identity
+        self.tls = nbd_tls.ServerTls(tls, self.stats, self.log) if tls is not None else None
+        self.tls_mode = tls_mode if tls is not None else "off"
+        self.lst = Listeners(node, address_of, socket_of, self.log, emit)
         self.conns: dict[int, _Peer] = {}  # fd -> connection
         self._rr = 0
         self._accept_paused_until = 0.0
@@ -98,52 +116,38 @@ class NbdServer:
         return self.stats.errors
 
     # -- identities --------------------------------------------------------------------------
-    def bind(self, identity: int, deadline_s: float = 5.0) -> tuple[str, int]:
-        """Listen on the identity's address. Retries EADDRINUSE until the deadline (the old
-        holder's socket may take an instant to go); then raises."""
-        if identity in self.listeners:
-            return self.listeners[identity].getsockname()[:2]
-        host, port = self.address_of(identity)
-        end = time.monotonic() + deadline_s
-        while True:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind((host, port))
-                s.listen(128)
-                s.setblocking(False)
-                break
-            except OSError as exc:
-                s.close()
-                if exc.errno != errno.EADDRINUSE or time.monotonic() > end:
-                    raise VmemuError(f"node{self.node}: cannot serve NBD for node{identity} on "
-                                     f"{host}:{port}: {exc.strerror}") from None
-                time.sleep(0.005)
-        self.listeners[identity] = s
-        self.by_listener_fd[s.fileno()] = identity
-        return s.getsockname()[:2]
+    @property
+    def listeners(self) -> dict[int, socket.socket]:
+        """identity -> its TCP listening socket (those bound)."""
+        return {i: s for i in self.lst.served if (s := self.lst.tcp_socket(i)) is not None}
+
+    def bind(self, identity: int, deadline_s: float = 5.0,
+             retry: bool = False) -> tuple[str, int] | None:
+        """Listen for the identity (domains/nbd_listen.py: EADDRINUSE retried until the
+        deadline; then raises, or with `retry` serves without that listener and keeps
+        trying in the background). Returns the TCP address listened on, if any."""
+        self.lst.bind(identity, deadline_s, retry)
+        s = self.lst.tcp_socket(identity)
+        return s.getsockname()[:2] if s is not None else None
 
     def unbind(self, identity: int) -> None:
-        s = self.listeners.pop(identity, None)
-        if s is not None:
-            self.by_listener_fd.pop(s.fileno(), None)
-            s.close()
+        self.lst.unbind(identity)
         for p in [p for p in self.conns.values() if p.conn.identity == identity]:
             self._drop(p)
 
     def close(self) -> None:
-        for ident in list(self.listeners):
-            self.unbind(ident)
+        self.lst.close()
         for p in list(self.conns.values()):
             self._drop(p)
 
     def connections(self, identity: int | None = None) -> int:
         return sum(1 for p in self.conns.values() if identity is None or p.conn.identity == identity)
 
-    def summary(self) -> dict[str, int]:
-        """Counters and current figures, for the domain's status (`vmemu status --json`)."""
+    def summary(self) -> dict[str, Any]:
+        """Counters and current figures, for the domain's status (`vmemu status --json`);
+        `listeners`: per identity served, per transport, listening or why not."""
         return dict(asdict(self.stats), connections=len(self.conns), held_bytes=self.held_bytes(),
-                    pool_used=self.pool.used)
+                    pool_used=self.pool.used, listeners=self.lst.view())
 
     def held_bytes(self) -> int:
         """Bytes all connections hold now (what `Limits.bound()` bounds)."""
@@ -155,10 +159,11 @@ class NbdServer:
         fds: dict[int, int] = {}
         if not self._accept_paused_until or time.monotonic() >= self._accept_paused_until:
             self._accept_paused_until = 0.0
-            fds = {fd: zmq.POLLIN for fd in self.by_listener_fd}
+            fds = {fd: zmq.POLLIN for fd in self.lst.by_fd}
         for fd, p in self.conns.items():
             c = p.conn
-            ev = (zmq.POLLIN if c.room_in() > 0 else 0) | (zmq.POLLOUT if c.out else 0)
+            ev = (zmq.POLLIN if c.room_in() > 0 else 0) | (zmq.POLLOUT if c.out or c.wire_out
+                                                            else 0)
             if ev:
                 fds[fd] = ev
         return fds
@@ -171,10 +176,11 @@ class NbdServer:
         """One turn: accept, read, decode and run a bounded amount of work, write, close what
         is done or timed out."""
         now = time.monotonic()
+        self.lst.retry(now)
         if not self._accept_paused_until or now >= self._accept_paused_until:
-            for fd, ident in list(self.by_listener_fd.items()):
+            for fd, ep in list(self.lst.by_fd.items()):
                 if ready.get(fd, 0) & zmq.POLLIN:
-                    self._accept(ident, now)
+                    self._accept(ep, now)
         for fd, p in list(self.conns.items()):
             ev = ready.get(fd, 0)
             if ev & zmq.POLLERR:
@@ -201,11 +207,13 @@ class NbdServer:
             self._next_expiry = now + 0.05
         for p in list(self.conns.values()):
             c = p.conn
-            if c.out and not c.dead:
+            if (c.out or c.wire_out) and not c.dead:
                 try:
                     self._write(p, now)
                 except Exception as exc:  # noqa: BLE001 - the boundary, inline: a hot path
                     self._internal(p, exc)
+            if c.tls_wanted is not None and c.tls_ready() and self.tls is not None:
+                p.tls = self._guard(p, self.tls.start, c, now)
             if c.finished():
                 self._drop(p)
             elif expire:
@@ -256,8 +264,8 @@ class NbdServer:
             self._drop(p)
 
     # -- sockets -----------------------------------------------------------------------------
-    def _accept(self, identity: int, now: float) -> None:
-        lst = self.listeners.get(identity)
+    def _accept(self, ep: Endpoint, now: float) -> None:
+        lst, identity = ep.sock, ep.identity
         lim = self.limits
         if lst is None:
             return
@@ -301,14 +309,22 @@ class NbdServer:
             self.stats.evicted += 1
             self._drop(min(handshaking, key=lambda p: p.conn.created))
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock.family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:  # a Unix peer has no address; its credentials say who it is, for the logs
+            pid, uid, _ = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            peer = f"unix:pid {pid} uid {uid}"
         exports, lun_of = exports_of(self.d, identity, self.node)
-        c = Conn(P.ServerProto(exports), identity, lun_of, self.d, lim, self.pool, self.stats,
-                 peer, now, self.on_request, self.log)
+        c = Conn(P.ServerProto(exports, tls=self.tls_mode), identity, lun_of, self.d, lim,
+                 self.pool, self.stats, peer, now, self.on_request, self.log)
         p = _Peer(sock, c)
         self.conns[p.fd] = p
 
     def _read(self, p: _Peer, now: float) -> None:
+        if p.tls is not None and self.tls is not None:
+            self.tls.recv(p.sock, p.tls, p.conn, self._rbuf, self.limits.recv_per_turn, now)
+            return
         c = p.conn
         got = 0
         lim = self.limits
@@ -332,6 +348,9 @@ class NbdServer:
             room = c.room_in()
 
     def _write(self, p: _Peer, now: float) -> None:
+        if p.tls is not None and self.tls is not None:
+            self.tls.send(p.sock, p.tls, p.conn, now)
+            return
         c = p.conn
         while c.out:
             bufs = list(itertools.islice(c.out, 64))
@@ -348,6 +367,8 @@ class NbdServer:
         if self.conns.get(p.fd) is p:
             del self.conns[p.fd]
         p.conn.drop()
+        if p.tls is not None and self.tls is not None:
+            self.tls.end(p.sock, p.tls, p.conn)
         try:
             p.sock.close()
         except OSError:
@@ -368,7 +389,7 @@ class NbdServer:
             progress = False
             for p in order:
                 c = p.conn
-                if c.dead or c.identity not in self.listeners:
+                if c.dead or c.identity not in self.lst.served:
                     continue
                 if decoded < lim.turn_decode and c.can_decode():
                     # A few messages each, so one pipelining client cannot take the budget.

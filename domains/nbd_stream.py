@@ -8,7 +8,11 @@ is answered, as the server answers requests received before a disconnect.
 
 `peer_reads=False` plays a client that reads nothing until the server stops taking input:
 then the server's caps, not the reader, bound what is buffered (and the result says how
-much was). `max_output` plays one that hangs up after so many bytes. What the fuzzers of tests/fuzz drive; also a command:
+much was). `max_output` plays one that hangs up after so many bytes. `tls` ("off", "on",
+"require") is the machine's TLS mode; once NBD_OPT_STARTTLS is acknowledged, the rest of the
+stream is taken as what the client sends inside TLS (a null cipher), so the haggling before
+and after STARTTLS is what is served, as with a real TLS client; TLS itself (Python's ssl) is
+not what is fuzzed here. What the fuzzers of tests/fuzz drive; also a command:
 
     python -m domains.nbd_stream < client-bytes > server-bytes
 """
@@ -42,6 +46,7 @@ class StreamResult:
     requests: list[P.Request] = field(default_factory=list)  # let through, in order
     replies: list[Reply] = field(default_factory=list)
     via_export_name: bool = False  # transmission began with NBD_OPT_EXPORT_NAME
+    tls_started: bool = False  # STARTTLS was acknowledged and (null) TLS began
     no_zeroes: bool = False
     close: P.Close | None = None
     peak_in: int = 0  # most bytes the connection held, each direction, in transmission
@@ -58,7 +63,7 @@ class StreamResult:
 def serve_stream(data: bytes, dmodule: Any | None = None, identity: int = 1,
                  limits: Limits | None = None, chunk: int = 1 << 16,
                  peer_reads: bool = True, max_output: int | None = None,
-                 max_turns: int = 1_000_000) -> StreamResult:
+                 max_turns: int = 1_000_000, tls: str = "off") -> StreamResult:
     """Serve `data` as one connection's input; see the module docstring. `max_output`: the
     peer hangs up once it has read that much (the connection is dropped mid-work)."""
     d = dmodule if dmodule is not None else MemDModule(identity)
@@ -66,7 +71,7 @@ def serve_stream(data: bytes, dmodule: Any | None = None, identity: int = 1,
     exports, lun_of = exports_of(d, identity, getattr(d, "node", identity))
     stats = Stats()
     res = StreamResult(b"", stats=stats)
-    conn = Conn(_Recording(exports, res), identity, lun_of, d, lim, Pool(lim.shared),
+    conn = Conn(_Recording(exports, res, tls), identity, lun_of, d, lim, Pool(lim.shared),
                 stats, peer="stream")
     out: list[bytes] = []
     out_len = 0
@@ -74,6 +79,11 @@ def serve_stream(data: bytes, dmodule: Any | None = None, identity: int = 1,
     eof_sent = False
     for res.turns in range(1, max_turns + 1):
         progress = False
+        if conn.tls_ready():  # the acknowledgement has left: "TLS" is up
+            leftover = conn.tls_begun()
+            res.tls_started = progress = True
+            if leftover:
+                conn.feed(leftover)
         room = conn.room_in()
         if room > 0 and pos < len(data):
             n = min(room, chunk, len(data) - pos)
@@ -124,8 +134,8 @@ class _Recording(P.ServerProto):
     """The machine, noting every request it lets through and every reply it makes, in
     order (the fuzzers check the output against it)."""
 
-    def __init__(self, exports: list[P.Export], res: StreamResult) -> None:
-        super().__init__(exports)
+    def __init__(self, exports: list[P.Export], res: StreamResult, tls: str = "off") -> None:
+        super().__init__(exports, tls=tls)
         self._res = res
         self._failing: P.Request | None = None
 

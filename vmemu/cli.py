@@ -24,6 +24,7 @@ from storage import loopdev
 from vmemu import cli_chaos, cli_storage
 from vmemu.config import ClusterConfig
 from vmemu.errors import BadRequest, InvalidState, VmemuError
+from vmemu.hypervisor import nbd_view
 from vmemu.hypervisor.events import read_events
 from vmemu.privfs import set_umask
 
@@ -104,6 +105,18 @@ def cli(ctx: click.Context, data_dir: str | None) -> None:
               help="TCP port of every node's NBD export (0: any free port).")
 @click.option("--nbd-addr", default="127.0.10.0", show_default=True,
               help="NBD address base: node N serves its LUNs on base + N (127.0.10.N).")
+@click.option("--nbd-socket", is_flag=True,
+              help="Also serve each identity's LUNs on a Unix socket in the private run dir "
+              "(nbd+unix:///lun0?socket=...): only the cluster's user can connect.")
+@click.option("--nbd-tcp", type=click.Choice(["on", "off"]), default="on", show_default=True,
+              help="off: no NBD on TCP (with --nbd-socket: Unix sockets only, as nbdkit -U "
+              "and qemu-nbd -k serve).")
+@click.option("--nbd-tls", type=click.Choice(["off", "on", "require"]), default="off",
+              show_default=True, help="NBD over TLS with the cluster's certificate "
+              "(<data-dir>/tls): on offers it, require refuses clients without it (nbds://).")
+@click.option("--nbd-tls-verify-peer", is_flag=True,
+              help="With --nbd-tls: clients must also present the cluster's client "
+              "certificate (<data-dir>/tls/client-cert.pem, readable by the cluster's user only).")
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for serving.")
 @click.pass_obj
 def up(obj: Ctx, nodes: int, topology: str, detach: bool, heartbeat_ms: int, heartbeat_misses: int,
@@ -113,7 +126,9 @@ def up(obj: Ctx, nodes: int, topology: str, detach: bool, heartbeat_ms: int, hea
        grant_mode: str,
        ha_mode: str, giveback_delay: float, cp_interval: float, timeout: float,
        nbd_port: int = 10809, nbd_addr: str = "127.0.10.0", nvram_placement: str = "own",
-       mirror_resync_rate: float = 0.0) -> None:
+       mirror_resync_rate: float = 0.0,
+       nbd_socket: bool = False, nbd_tcp: str = "on", nbd_tls: str = "off",
+       nbd_tls_verify_peer: bool = False) -> None:
     """Start a cluster (foreground with a live view; Ctrl-C stops it cleanly)."""
     cfg = ClusterConfig(nodes=nodes, topology=topology, heartbeat_ms=heartbeat_ms,
                         heartbeat_misses=heartbeat_misses, nvram_mb=nvram_mb, disks=disks,
@@ -124,7 +139,9 @@ def up(obj: Ctx, nodes: int, topology: str, detach: bool, heartbeat_ms: int, hea
                         ha_mode=ha_mode, nvram_placement=nvram_placement,
                         giveback_delay_s=giveback_delay,
                         cp_interval_s=cp_interval, nbd_port=nbd_port, nbd_addr_base=nbd_addr,
-                        mirror_resync_mb_s=mirror_resync_rate)
+                        mirror_resync_mb_s=mirror_resync_rate,
+                        nbd_socket=nbd_socket, nbd_tcp=nbd_tcp == "on", nbd_tls=nbd_tls,
+                        nbd_tls_verify_peer=nbd_tls_verify_peer)
     if disk_backend == "loop":
         ok, why = loopdev.available()
         if not ok:  # before anything is made: nothing changes
@@ -265,6 +282,29 @@ def status(obj: Ctx, as_json: bool) -> None:
         for r in rows:
             console.print(f"  {r['identity']:<7} {r['lun']:<5} {r['uri']:<34} served by "
                           f"{r['served_by'] or 'nobody'}", highlight=False)
+            if r.get("unix_uri") and r["unix_uri"] != r["uri"]:
+                console.print(f"  {'':<13} {r['unix_uri']}", highlight=False)
+        for line in _tls_lines(raw):
+            console.print(line, highlight=False)
+    for line in nbd_view.taken_lines(raw):
+        console.print(line, highlight=False)
+
+
+def _tls_lines(raw: dict[str, Any]) -> list[str]:
+    t = raw.get("nbd_tls")
+    if not t:
+        return []
+    d = t["certificates"]
+    return [f"NBD TLS {t['mode']}" + (" (client certificates verified)" if t["verify_peer"]
+                                       else "") + f": the cluster's CA is {t['ca']}",
+            f"  nbdinfo, nbdcopy, nbdsh: add ?tls-certificates={d} to the URI "
+            "(&tls-certificates=... after ?socket=)",
+            # fio's nbd engine does not let libnbd read local files named in a URI: it finds
+            # the CA in libnbd's default directory only.
+            f"  fio (ioengine=nbd): no tls-certificates= in its URI; libnbd reads "
+            f"~/.pki/libnbd (root: /etc/pki/libnbd): ln -s {d} ~/.pki/libnbd",
+            f"  qemu: --object tls-creds-x509,id=tls0,endpoint=client,dir={d} and "
+            "tls-creds=tls0 (on a Unix socket also tls-hostname=localhost)"]
 
 
 def corruption_lines(raw: dict[str, Any]) -> list[str]:
@@ -315,10 +355,14 @@ def _lun_rows(raw: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for n in raw["nodes"]:
         luns = (n.get("storage") or {}).get("luns") or []
-        for i, uri in enumerate((n.get("nbd") or {}).get("uris") or []):
+        nbd = n.get("nbd") or {}
+        tcp, unix = nbd.get("uris") or [], nbd.get("unix_uris") or []
+        for i in range(max(len(tcp), len(unix))):
             index, path, size = luns[i] if i < len(luns) else (i, f"lun{i}", disk)
+            uri = tcp[i] if i < len(tcp) else unix[i]  # TCP's when there is one
             rows.append({"identity": n["name"], "lun": f"lun{index}", "path": path, "size": size,
-                         "served_by": n["identity_served_by"], "uri": uri})
+                         "served_by": n["identity_served_by"], "uri": uri,
+                         "unix_uri": unix[i] if i < len(unix) else None})
     return rows
 
 
@@ -331,18 +375,24 @@ def lun() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable: a list of rows.")
 @click.pass_obj
 def lun_list(obj: Ctx, as_json: bool) -> None:
-    """Identity, LUN, size, served by, nbd:// URI."""
-    rows = _lun_rows(obj.control().status().raw)
+    """Identity, LUN, size, served by, nbd:// URI (and nbd+unix:// with --nbd-socket)."""
+    raw = obj.control().status().raw
+    rows = _lun_rows(raw)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    unix = any(r["unix_uri"] and r["unix_uri"] != r["uri"] for r in rows)
     t = Table(title="vmemu LUNs")
-    for col in ("identity", "LUN", "size", "served by", "URI"):
-        t.add_column(col)
+    for col in ("identity", "LUN", "size", "served by", "URI") + (("Unix socket URI",) if unix
+                                                                   else ()):
+        t.add_column(col, overflow="fold")
     for r in rows:
         t.add_row(r["identity"], r["lun"], f"{r['size'] / 2**20:.0f} MiB",
-                  r["served_by"] or "[red]nobody[/]", r["uri"])
+                  r["served_by"] or "[red]nobody[/]", r["uri"],
+                  *((r["unix_uri"] or "",) if unix else ()))
     console.print(t)
+    for line in _tls_lines(raw):
+        console.print(line, highlight=False)
 
 
 @cli.command()

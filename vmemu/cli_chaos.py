@@ -49,8 +49,9 @@ RUN_HELP = """Chaos runs: a fresh cluster, concurrent clients, seeded faults, a 
   vmemu chaos check runs/seed-1234/history.jsonl         the checker alone
 
 \b
-Exit status: 0 every run linearizable; 1 a run failed (not linearizable, unknown, or a
-fault its cluster did not heal from); 3 bad input.
+Exit status: 0 every run linearizable and available; 1 a run failed (not linearizable,
+unknown, an identity out of service past its budget, or a fault its cluster did not heal
+from); 3 bad input.
 """
 
 CHECK_HELP = """Check HISTORY (JSON lines, one op event a line) for per-block linearizability.
@@ -85,6 +86,9 @@ def register(cli: click.Group) -> None:
     @click.option("--budget", type=click.FloatRange(min=0, min_open=True),
                   default=DEFAULT_BUDGET, show_default=True,
                   help="The checker's seconds per block before it says unknown.")
+    @click.option("--availability-slack", "slack", type=click.FloatRange(min=0, min_open=True),
+                  default=None, help="Multiply every availability budget by this (a loaded "
+                  "host: 2, 3). Default 1; with --replay or --shrink, the run's own.")
     @click.option("--json", "as_json", is_flag=True, help="Print the result (or the "
                   "campaign summary) as JSON.")
     @click.option("--broken", type=click.Choice(["unlogged_ack"]), default=None, hidden=True,
@@ -92,14 +96,15 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     def chaos(ctx: click.Context, seed: int | None, duration: str, runs: int, jobs: int,
               out: str | None, nodes: int, kinds: str, replay: str | None, shrink: str | None,
-              budget: float, as_json: bool, broken: str | None) -> None:
+              budget: float, slack: float | None, as_json: bool, broken: str | None) -> None:
         if ctx.invoked_subcommand is not None:
             return
         from vmemu.chaos import cli_run
 
         sys.exit(cli_run.main(seed=seed, duration=duration, runs=runs, jobs=jobs, out=out,
                               nodes=nodes, kinds=kinds, replay=replay, shrink=shrink,
-                              budget=budget, as_json=as_json, broken=broken or ""))
+                              budget=budget, slack=slack, as_json=as_json,
+                              broken=broken or ""))
 
     @chaos.command("check", cls=_Command, help=CHECK_HELP)
     @click.argument("history", type=click.Path(dir_okay=False))

@@ -170,7 +170,9 @@ class Cluster:
     def stop(self, timeout: float = 60.0) -> None:
         if self.ctl is not None:
             try:
-                if self.ctl.hypervisor_alive():  # a dead one would cost the whole timeout
+                # A dead one would cost the whole timeout (and a child of ours that was killed
+                # is a zombie until waited for: kill(pid, 0) still finds it).
+                if (self.proc is None or self.proc.poll() is None) and self.ctl.hypervisor_alive():
                     self.ctl.call("shutdown", timeout=timeout)
             except VmemuError:
                 pass

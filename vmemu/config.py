@@ -14,6 +14,7 @@ HA_MODES = ("shm", "mirror", "none")
 RAID_LAYOUTS = ("raid4", "raid1", "none")  # none: the flat LUN path (one LUN per disk, no FS)
 GRANT_MODES = ("ro", "rw")
 NVRAM_PLACEMENTS = ("own", "mediator")  # who allocates a guest's NVRAM region
+NBD_TLS_MODES = ("off", "on", "require")  # domains/nbd_proto.py: NOTLS, SELECTIVETLS, FORCEDTLS
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class ClusterConfig:
     nbd_addr_base: str = "127.0.10.0"  # node N serves NBD on base + N (127.0.10.N)
     nbd_port: int = 10809  # 0: the hypervisor picks a free port at boot (cluster.json has the real one)
     mirror_resync_mb_s: float = 0.0  # --ha-mode mirror: resync bandwidth cap (0: none)
+    nbd_tcp: bool = True  # serve NBD on 127.0.10.N:port (reachable by every local user)
+    nbd_socket: bool = False  # serve NBD on <run-dir>/n<N>.nbd.s too (the cluster's user only)
+    nbd_tls: str = "off"  # on: STARTTLS offered; require: nothing without it (<data-dir>/tls)
+    nbd_tls_verify_peer: bool = False  # clients must present a certificate of the cluster's CA
     cluster_id: str = field(default_factory=lambda: secrets.token_hex(4))
 
     def __post_init__(self) -> None:
@@ -83,6 +88,12 @@ class ClusterConfig:
             raise BadRequest("CP interval must be positive")
         if not 0 <= self.mirror_resync_mb_s <= 1 << 20:
             raise BadRequest("mirror resync rate must be between 0 (no cap) and 1048576 MB/s")
+        if self.nbd_tls not in NBD_TLS_MODES:
+            raise BadRequest(f"unknown NBD TLS mode {self.nbd_tls!r}; choose off, on or require")
+        if not self.nbd_tcp and not self.nbd_socket:
+            raise BadRequest("--nbd-tcp off needs --nbd-socket: NBD would be served nowhere")
+        if self.nbd_tls_verify_peer and self.nbd_tls == "off":
+            raise BadRequest("--nbd-tls-verify-peer needs --nbd-tls on or require")
         if not 0 <= self.nbd_port <= 65535:
             raise BadRequest(f"NBD port {self.nbd_port} is not between 0 and 65535 (0: any free port)")
         try:
@@ -142,6 +153,14 @@ def nbd_address(cfg: ClusterConfig, node: int) -> tuple[str, int]:
 
 
 def nbd_uri(cfg: ClusterConfig, node: int, lun: int) -> str:
-    """"nbd://127.0.10.1:10809/lun0": node `node`'s LUN `lun` as NBD clients name it."""
+    """"nbd://127.0.10.1:10809/lun0": node `node`'s LUN `lun` on TCP as NBD clients name it
+    ("nbds://" with --nbd-tls on or require; libnbd's tools add
+    "?tls-certificates=<data-dir>/tls" to trust the cluster's CA)."""
     host, port = nbd_address(cfg, node)
-    return f"nbd://{host}:{port}/lun{lun}"
+    return f"nbd{'s' if cfg.nbd_tls != 'off' else ''}://{host}:{port}/lun{lun}"
+
+
+def nbd_unix_uri(cfg: ClusterConfig, socket_path: str, lun: int) -> str:
+    """"nbd+unix:///lun0?socket=<run-dir>/n1.nbd.s": the same LUN on the identity's Unix
+    socket ("nbds+unix://" with TLS)."""
+    return f"nbd{'s' if cfg.nbd_tls != 'off' else ''}+unix:///lun{lun}?socket={socket_path}"

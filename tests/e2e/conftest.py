@@ -194,7 +194,7 @@ def make_cluster(tmp_path):
     yield make
     for c in started:
         try:
-            if c.ctl is not None and c.ctl.hypervisor_alive():
+            if c.ctl is not None and c.proc is not None and c.proc.poll() is None:
                 track(c.status())
         except Exception:
             pass

@@ -65,6 +65,18 @@ def run_dir(c: Cluster) -> datadir.RunDir:
     return datadir.run_dir(c.control.info)
 
 
+
+def collect_replies(s: zmq.Socket, want: set[int], timeout: float = 60) -> dict[int, codec.Reply]:
+    """Replies read from `s` until every id in `want` has one (or the deadline passes)."""
+    replies: dict[int, codec.Reply] = {}
+    end = time.monotonic() + timeout
+    while want - set(replies) and time.monotonic() < end:
+        if s.poll(200):
+            msg = codec.decode(s.recv())
+            assert isinstance(msg, codec.Reply)
+            replies[msg.id] = msg
+    return replies
+
 def test_data_dir_and_sockets_are_private(cluster: Cluster) -> None:
     rd = run_dir(cluster)
     for p in (cluster.dir, rd.path, cluster.dir / "node1", datadir.logs_dir(cluster.dir)):
@@ -182,13 +194,7 @@ def test_poison_frames_get_error_replies_and_kill_nothing(cluster: Cluster, wher
         for _, f in frames:
             s.send(f)
         want = {rid for rid, _ in frames}
-        replies: dict[int, codec.Reply] = {}
-        end = time.monotonic() + 60
-        while want - set(replies) and time.monotonic() < end:
-            if s.poll(200):
-                msg = codec.decode(s.recv())
-                assert isinstance(msg, codec.Reply)
-                replies[msg.id] = msg
+        replies = collect_replies(s, want)
         s.close()
     finally:
         ctx.term()
@@ -325,13 +331,7 @@ def test_poison_frames_on_the_mirror_receiver(make_cluster) -> None:
         s.send_multipart([b"three", b"frames", b"here"])  # dropped: no request in it
         for _, f in frames:
             s.send_multipart(f)
-        replies: dict[int, codec.Reply] = {}
-        end = time.monotonic() + 60
-        while len(replies) < len(frames) and time.monotonic() < end:
-            if s.poll(200):
-                msg = codec.decode(s.recv())
-                assert isinstance(msg, codec.Reply)
-                replies[msg.id] = msg
+        replies = collect_replies(s, {rid for rid, _ in frames})
         s.close()
     finally:
         ctx.term()

@@ -1,4 +1,5 @@
-"""The chaos driver's pure parts: schedules, block values, availability, durations."""
+"""The chaos driver's pure parts: schedules, block values, durations (availability:
+test_chaos_availability.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import click
 import pytest
 
-from vmemu.chaos import availability, schedule
+from vmemu.chaos import schedule
 from vmemu.chaos.cli_run import parse_duration
 from vmemu.chaos.workload import BLOCK, decode_value, encode_value
 
@@ -59,19 +60,6 @@ def test_a_block_names_its_write_or_says_it_was_never_written_or_is_no_write_at_
     assert decode_value(torn) == "12.345"  # the value sits in the first sector
     assert decode_value(b"\x01" + bytes(BLOCK - 1)).startswith("corrupt:")
     assert decode_value(v[:100] + b"x" + v[101:]).startswith("corrupt:")  # junk after it
-
-
-def test_availability_counts_stretches_without_a_completed_op_and_what_a_fault_explains():
-    s = 1_000_000_000
-    ops = [{"block": "node1/lun0/0", "type": "ok", "time": t * s} for t in (10, 11, 15, 16)]
-    ops += [{"block": "node2/lun0/0", "type": "ok", "time": t * s} for t in (10, 11, 12, 13)]
-    ops += [{"block": "node2/lun0/0", "type": "info", "time": 14 * s}]
-    faults = [{"started": 11.5, "mono": 11.5, "ended": 12.0}]
-    a = availability.summarize(ops, faults, 10.0, 16.0)
-    assert a["node1"] == {"unavailable_s": 4.0, "explained_s": 4.0, "unexplained_s": 0.0,
-                          "longest_s": 4.0}
-    # node2's ops stop at 13 with nothing to explain it: three unexplained seconds
-    assert a["node2"]["unavailable_s"] == 3.0 and a["node2"]["unexplained_s"] == 3.0
 
 
 @pytest.mark.parametrize("text,seconds", [("20s", 20), ("2m", 120), ("90", 90), ("1.5h", 5400)])

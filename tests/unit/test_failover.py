@@ -453,6 +453,47 @@ def test_owner_registering_during_the_takeover_still_gets_its_automatic_giveback
     assert of(Release, cl.ev(Tick())) == [Release(2, 1)]
 
 
+def test_a_node_taking_back_an_identity_it_just_released_replays_last() -> None:
+    """Found by `vmemu chaos` (seed 7): node1 gave identity 2 back, node2 wrote, died; node1
+    took identity 2 over again and acknowledged writes into its own region, which the release
+    had left first in the chain; then node1 died too. Replayed in that order, node2's older
+    records overwrote node1's newer ones: acknowledged writes lost."""
+    cl = Cluster(2, "pairs", delay=-1)
+    r = cl.boot()
+    cl.ev(Failed(2, "exit"))
+    cl.done([Assign(1, 2, (), "takeover")])
+    r2, _ = cl.start(2)
+    cl.ev(GivebackRequested(2))
+    cl.done(cl.ev(ReleaseDone(1, 2, True)))  # the owner replays [r1] and serves: [r1, r2]
+    assert cl.chain(2) == [r[1], r2]
+    acts = cl.ev(Failed(2, "exit"))
+    assert Assign(1, 2, (r[1], r2), "takeover") in acts
+    cl.done(acts)  # node1 writes identity 2 into r1 from now on
+    assert cl.chain(2) == [r2, r[1]]
+    cl.ev(Failed(1, "exit"))  # and dies before a CP
+    _, acts = cl.start(2)
+    assert Assign(2, 2, (r2, r[1]), "giveback") in acts
+
+
+def test_a_region_bound_before_its_assign_done_goes_last_when_its_node_dies() -> None:
+    cl = Cluster(2, "pairs", delay=-1)
+    r = cl.boot()
+    cl.ev(Failed(2, "exit"))
+    cl.done([Assign(1, 2, (), "takeover")])
+    r2, _ = cl.start(2)
+    cl.ev(GivebackRequested(2))
+    cl.done(cl.ev(ReleaseDone(1, 2, True)))
+    cl.ev(Failed(2, "exit"))  # node1 is assigned identity 2, binds, writes, dies before done
+    cl.ev(Failed(1, "exit"))
+    assert cl.chain(2) == [r2, r[1]]
+
+
+def newest_last(regions: list[int], region: int) -> None:
+    if region in regions:
+        regions.remove(region)
+    regions.append(region)
+
+
 # -- randomized: safety invariants after every step -------------------------------------------
 @dataclass
 class World:
@@ -463,8 +504,9 @@ class World:
     # the guest does before its assign reply reaches the hypervisor.
     conservative: bool = False
     serves: dict[int, set[int]] = field(default_factory=dict)  # node -> identities it binds
-    # identity -> regions that may hold its records not yet on its disks
-    may_hold: dict[int, set[int]] = field(default_factory=dict)
+    # identity -> regions that may hold its records not yet on its disks, in the order they
+    # last began to write it (replay must apply them in this order: the last one wins)
+    may_hold: dict[int, list[int]] = field(default_factory=dict)
     sent_assigns: set[tuple[int, int]] = field(default_factory=set)
     freed: set[int] = field(default_factory=set)
     dead_regions: set[int] = field(default_factory=set)
@@ -530,20 +572,20 @@ class World:
                 self.dead_regions.add(snapshot["region"][ev.node])
         if isinstance(ev, AssignDone) and fresh:
             if ev.ok:
-                self.may_hold[ev.identity].add(ev.region)  # clients write from now on
+                newest_last(self.may_hold[ev.identity], ev.region)  # clients write from now on
             else:
                 # The guest failed before it bound: nobody wrote through it.
                 self.serves[ev.node].discard(ev.identity)
-                if self.conservative:
-                    self.may_hold[ev.identity].discard(snapshot["region"][ev.node])
+                if self.conservative and snapshot["region"][ev.node] in self.may_hold[ev.identity]:
+                    self.may_hold[ev.identity].remove(snapshot["region"][ev.node])
         if isinstance(ev, ReleaseDone) and fresh and ev.ok:
             self.serves[ev.node].discard(ev.identity)
-            self.may_hold[ev.identity] = set()  # the release ended with a CP
+            self.may_hold[ev.identity] = []  # the release ended with a CP
         if isinstance(ev, CpDone):
             for i in ev.identities:
                 # Everything so far is on disk; a node that writes keeps logging to its region.
                 writing = self.conservative or snapshot["identities"][i].served_by == ev.node
-                self.may_hold[i] = {ev.region} if writing else set()
+                self.may_hold[i] = [ev.region] if writing else []
         for a in acts:
             self.check_action(a)
         self.check_state()
@@ -555,11 +597,11 @@ class World:
             assert c.identities[a.identity].transit == ("assign", a.node)
             assert a.identity not in self.serves[a.node], f"{a}: node already serves it"
             assert not set(a.chain) & self.freed, f"{a} names a freed region"
-            missing = self.may_hold[a.identity] - set(a.chain)
+            missing = set(self.may_hold[a.identity]) - set(a.chain)
             assert not missing, f"{a} misses regions holding its records: {missing}"
             self.serves[a.node].add(a.identity)  # the guest replays and binds
             if self.conservative:
-                self.may_hold[a.identity].add(c.region[a.node])  # type: ignore[arg-type]
+                newest_last(self.may_hold[a.identity], c.region[a.node])  # type: ignore[arg-type]
             self.sent_assigns.add((a.node, a.identity))
         elif isinstance(a, Grant):
             assert a.region not in self.freed, f"{a} grants a freed region"
@@ -586,8 +628,12 @@ class World:
             assert not set(ident.chain) & self.freed
             # A live binder's own region is not in the chain until its assign reply is read.
             exempt = {c.region[n] for n in binders} if self.conservative else set()
-            lost = self.may_hold[i] - exempt - set(ident.chain)
+            lost = set(self.may_hold[i]) - exempt - set(ident.chain)
             assert not lost, f"identity {i}: records in {lost} are in no chain"
+            order = [r for r in ident.chain if r in self.may_hold[i] and r not in exempt]
+            want = [r for r in self.may_hold[i] if r not in exempt]
+            assert order == want, (f"identity {i}: chain {ident.chain} would replay {order}, "
+                                   f"older writers over newer ({want})")
         for n in range(1, c.nodes + 1):
             if c.state[n] == SERVING:
                 assert c.identities[n].served_by == n
@@ -602,7 +648,7 @@ def run_world(data: st.DataObject, shape: tuple[int, str], delay: float,
     nodes, topology = shape
     w = World(Cluster(nodes, topology, delay), conservative,
               serves={n: set() for n in range(1, nodes + 1)},
-              may_hold={i: set() for i in range(1, nodes + 1)})
+              may_hold={i: [] for i in range(1, nodes + 1)})
     for _ in range(data.draw(st.integers(10, 60), label="steps")):
         w.step(data.draw(st.sampled_from(w.candidates()), label="event"))
 

@@ -257,7 +257,8 @@ def test_abort_acks_then_closes_cleanly():
     assert isinstance(events[-1], P.Close) and events[-1].clean
 
 
-@pytest.mark.parametrize("option", [P.OPT_STARTTLS, P.OPT_LIST_META_CONTEXT,
+# (NBD_OPT_STARTTLS is known: tests/unit/test_nbd_starttls.py)
+@pytest.mark.parametrize("option", [P.OPT_LIST_META_CONTEXT,
                                     P.OPT_SET_META_CONTEXT, P.OPT_EXTENDED_HEADERS, 4, 12345])
 def test_unknown_options_unsupported(option):
     m, w = fresh()

@@ -111,6 +111,9 @@ def int_arg(req: Request, name: str, lo: int, hi: int, default: Any = ...) -> in
     NVLog's u64 request id, a u16 LUN index) where an out-of-range one would raise deep
     inside the storage code instead of coming back as an answer.
     """
+    value = req.args.get(name)
+    if type(value) is int and lo <= value <= hi:  # the common case, on every request's path
+        return value
     value = arg(req, name, int, default)
     if not lo <= value <= hi:
         from vmemu.errors import BadRequest

@@ -17,7 +17,7 @@ import json
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -86,12 +86,17 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
             "valid": sum(1 for r in results if not failed(r)),
             "invalid": sum(1 for r in results if r["valid"] is False),
             "unknown": sum(1 for r in results if r["valid"] == "unknown"),
+            # linearizable or not, out of service past a budget (a run may be both)
+            "unavailable": sum(1 for r in results if r.get("availability_ok") is False),
             "nemesis_errors": sum(1 for r in results if r.get("nemesis_error")),
             "faults": dict(sorted(faults.items())), "ops": ops,
             "failing_seeds": sorted(r["seed"] for r in results if failed(r))}
 
 
-def load_run(run_dir: Path) -> tuple[RunSpec, sched_mod.Schedule]:
+def load_run(run_dir: Path, slack: float | None = None
+             ) -> tuple[RunSpec, sched_mod.Schedule]:
+    """A recorded run's spec and schedule; `slack` (if given) judges its availability anew:
+    how long a takeover may take is the host's business, not the schedule's."""
     spec_path = run_dir / "spec.json"
     if not spec_path.exists():
         raise sched_mod.ScheduleError(f"{run_dir} is not a chaos run directory (no spec.json)")
@@ -99,18 +104,20 @@ def load_run(run_dir: Path) -> tuple[RunSpec, sched_mod.Schedule]:
         spec = spec_from_dict(json.loads(spec_path.read_text()))
     except (ValueError, TypeError) as exc:
         raise sched_mod.ScheduleError(f"{spec_path}: {exc}") from None
+    if slack is not None:
+        spec = replace(spec, availability_slack=slack)
     return spec, sched_mod.load(run_dir / "schedule.json")
 
 
-def replay(run_dir: Path, out: Path) -> dict[str, Any]:
+def replay(run_dir: Path, out: Path, slack: float | None = None) -> dict[str, Any]:
     """The same spec and the same schedule again (same seed: same faults, same workload)."""
-    spec, sched = load_run(run_dir)
+    spec, sched = load_run(run_dir, slack)
     return run(spec, out, sched)
 
 
-def shrink(run_dir: Path, tries: int = 2,
-           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    spec, sched = load_run(run_dir)
+def shrink(run_dir: Path, tries: int = 2, progress: Callable[[str], None] | None = None,
+           slack: float | None = None) -> dict[str, Any]:
+    spec, sched = load_run(run_dir, slack)
     work = ensure_private_dir(run_dir / "shrink", "shrink dir")
     attempt = 0
 

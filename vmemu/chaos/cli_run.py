@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from vmemu.chaos import campaign as camp
+from vmemu.chaos.availability import describe
 from vmemu.chaos.run import RunSpec, failed, run
 from vmemu.chaos.schedule import KINDS, ScheduleError
 from vmemu.chaos.workload import Mix
@@ -39,7 +40,7 @@ def _fail(msg: str) -> int:
 
 def main(*, seed: int | None, duration: str, runs: int, jobs: int, out: str | None, nodes: int,
          kinds: str, replay: str | None, shrink: str | None, budget: float, as_json: bool,
-         broken: str) -> int:
+         broken: str, slack: float | None = None) -> int:
     console = Console(stderr=as_json)
     try:
         dur = parse_duration(duration)
@@ -52,12 +53,13 @@ def main(*, seed: int | None, duration: str, runs: int, jobs: int, out: str | No
                      f"known: {', '.join(KINDS)}")
     try:
         if shrink:
-            res = camp.shrink(Path(shrink), progress=lambda m: console.print(f"  {m}"))
+            res = camp.shrink(Path(shrink), progress=lambda m: console.print(f"  {m}"),
+                              slack=slack)
             _print(res, as_json, lambda: _shrink_lines(console, res))
             return 0 if res.get("reproduced") else 1
         if replay:
             dest = Path(out) if out else Path(replay) / "replay"
-            res = camp.replay(Path(replay), dest)
+            res = camp.replay(Path(replay), dest, slack=slack)
             _print(res, as_json, lambda: _run_lines(console, res))
             return 1 if failed(res) else 0
     except ScheduleError as exc:
@@ -66,7 +68,7 @@ def main(*, seed: int | None, duration: str, runs: int, jobs: int, out: str | No
         seed = secrets.randbelow(1 << 31)
         console.print(f"seed {seed} (drawn; --seed {seed} runs it again)")
     spec = RunSpec(seed=seed, duration=dur, nodes=nodes, kinds=kind_list, budget_s=budget,
-                   broken=broken, mix=Mix())
+                   broken=broken, mix=Mix(), availability_slack=slack or 1.0)
     base = Path(out) if out else Path("chaos-runs")
     if runs == 1:
         res = run(spec, base / f"seed-{seed}", progress=lambda r: console.print(_fault_line(r)))
@@ -107,6 +109,9 @@ def _run_lines(console: Console, r: dict[str, Any]) -> None:
     ops = r.get("ops") or {}
     verdict = {True: "[green]linearizable[/]", False: "[red]NOT linearizable[/]",
                "unknown": "[yellow]unknown[/]"}[r["valid"]]
+    if r.get("availability_ok") is not None:
+        verdict += (", within its availability budgets" if r["availability_ok"] else
+                    ", [red]out of service past its budget[/]")
     console.print(f"seed {r['seed']}: {verdict}; {sum(ops.values())} ops "
                   f"({ops.get('ok', 0)} ok, {ops.get('fail', 0)} failed, "
                   f"{ops.get('info', 0)} indeterminate); faults {r.get('faults') or 'none'}")
@@ -114,6 +119,8 @@ def _run_lines(console: Console, r: dict[str, Any]) -> None:
         console.print(f"  {ident}: unavailable {a['unavailable_s']:.1f}s "
                       f"({a['explained_s']:.1f}s explained by the faults, "
                       f"{a['unexplained_s']:.1f}s not)")
+    for v in r.get("availability_violations") or []:
+        console.print(f"  [red]unavailable[/] {describe(v)}")
     if r.get("nemesis_error"):
         console.print(f"  [red]fault or healing failed[/]: {r['nemesis_error']}")
     if r["valid"] is not True:
@@ -125,10 +132,10 @@ def _run_lines(console: Console, r: dict[str, Any]) -> None:
 
 def _summary_lines(console: Console, s: dict[str, Any], base: Path) -> None:
     t = Table(title=f"vmemu chaos: {s['runs']} runs in {s['seconds']:.0f}s")
-    for col in ("valid", "invalid", "unknown", "fault/heal errors", "ops"):
+    for col in ("passed", "invalid", "unknown", "unavailable", "fault/heal errors", "ops"):
         t.add_column(col, justify="right")
-    t.add_row(str(s["valid"]), str(s["invalid"]), str(s["unknown"]), str(s["nemesis_errors"]),
-              str(s["ops"]))
+    t.add_row(str(s["valid"]), str(s["invalid"]), str(s["unknown"]), str(s["unavailable"]),
+              str(s["nemesis_errors"]), str(s["ops"]))
     console.print(t)
     console.print("faults: " + (", ".join(f"{k} {n}" for k, n in s["faults"].items())
                                 or "none"))

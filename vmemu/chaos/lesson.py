@@ -14,10 +14,15 @@ from typing import Any
 
 from rich.console import Console
 
+from vmemu.chaos.availability import BUDGETS, describe
 from vmemu.chaos.run import RunSpec, failed, run
 from vmemu.chaos.schedule import KINDS, Fault, Schedule
 
 SEED = 7
+# A lesson runs on whatever host it is given, often a shared laptop: its availability is
+# judged with the budgets doubled, and says so (docs/chaos.md: a takeover of 1 s and a hang
+# of 2.01 s were measured on two cores shared by three clusters and other work).
+SLACK = 2.0
 
 
 def lesson_schedule(fast: bool) -> Schedule:
@@ -29,7 +34,7 @@ def lesson_schedule(fast: bool) -> Schedule:
 
 
 def run_lesson(console: Console | None = None, fast: bool = False,
-               out: Path | None = None) -> dict[str, Any]:
+               out: Path | None = None, availability_slack: float = SLACK) -> dict[str, Any]:
     console = console or Console()
     sched = lesson_schedule(fast)
     out = out or Path(tempfile.mkdtemp(prefix="vmemu-chaos-demo-"))
@@ -58,7 +63,7 @@ def run_lesson(console: Console | None = None, fast: bool = False,
             f"{rec.get('healed_s', 0):.1f}s (restart, giveback)")
 
     res = run(RunSpec(seed=SEED, duration=sched.duration, nodes=2, kinds=("kill",),
-                      budget_s=10.0), out, sched, progress=on_fault)
+                      budget_s=10.0, availability_slack=availability_slack), out, sched, progress=on_fault)
     ops = res["ops"]
     say(f"[bold]The history[/]: {sum(ops.values())} ops, {ops.get('info', 0)} of them "
         "indeterminate (cut by a crash: they may or may not have happened, and the checker "
@@ -69,6 +74,18 @@ def run_lesson(console: Console | None = None, fast: bool = False,
             "came back from the dead, no read saw the future.")
     else:
         say(f"[bold red]Verdict: {res['valid']}[/]: see {out}/verdict.json")
+    longest = max((o["gap_s"] for o in res.get("outages", []) if "budget_s" in o),
+                  default=0.0)
+    if res.get("availability_ok"):
+        budgets = "; ".join(f"{k}: {b.base_s:g} s" + (" past detection" if b.plus_detection
+                                                          else "") for k, b in BUDGETS.items())
+        say(f"[bold green]Availability: within budget.[/] After each fault every identity "
+            f"answered its clients again in time ({budgets}; doubled here, as for any shared "
+            f"host); the longest wait was {longest:.2f}s.")
+    else:
+        say("[bold red]Availability: out of service past a budget[/]:")
+        for v in res.get("availability_violations", []):
+            say(f"  {describe(v)}")
     say("What this does not prove: that no other schedule fails. That is what "
         "`vmemu chaos --runs 1000` is for.")
     say(f"Run dir: {out} (timeline.png shows the ops and the faults on one axis)")

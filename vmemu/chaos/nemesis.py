@@ -27,6 +27,12 @@ from vmemu.errors import VmemuError
 BOOT_S = 120.0  # a fresh guest interpreter on two busy cores (tests/e2e/conftest.py BOOT_S)
 
 
+def identities_home(st: Status) -> bool:
+    """Every node up and serving its own identity."""
+    return all(n["state"] == "serving" and n["identity_served_by"] == n["name"]
+               for n in st.nodes)
+
+
 class EventTail:
     """New complete lines of events.jsonl since the last look."""
 
@@ -66,6 +72,8 @@ class Nemesis:
         self.tail.new()  # from here on
         self.nodes = cluster.control.config.nodes
         self.pids_before: dict[str, int | None] = {}
+        # This fault's kills, (node, mono): each starts an availability clock (availability.py)
+        self.kills: list[tuple[str, float]] = []
         self.topology = cluster.control.config.topology
 
     # -- what the cluster looks like -------------------------------------------------------
@@ -102,16 +110,21 @@ class Nemesis:
         st = self.status()
         node = st.node(f.target)
         if node["state"] != "serving" or node["identity_served_by"] != f.target \
-                or not st.all_serving():
+                or not identities_home(st):
             return {"skipped": f"{f.target} is {node['state']}, the cluster not all serving"}
         self.tail.new()  # only events after the fault count as its triggers
         self.pids_before = {n["name"]: n["pid"] for n in st.nodes}
+        self.kills = []
         do = getattr(self, f"_{f.kind}")
-        return do(f, int(node["pid"]))
+        rec = do(f, int(node["pid"]))
+        if self.kills:
+            rec["kills"] = [[n, round(t, 6)] for n, t in self.kills]
+        return rec
 
     def _crash(self, node: str) -> float:
         t = time.monotonic()
         self.c.crash(node)
+        self.kills.append((node, t))
         return t
 
     def _kill(self, f: Fault, pid: int) -> dict[str, Any]:
@@ -161,7 +174,7 @@ class Nemesis:
 
     def _crash_if_alive(self, node: str) -> bool:
         try:
-            self.c.crash(node)
+            self._crash(node)
             return True
         except VmemuError:
             return False  # already down: the phase ended in a failure of its own
@@ -241,8 +254,11 @@ class Nemesis:
         asked: dict[str, float] = {}  # node -> when its giveback was last asked for
         while self.alive() and time.monotonic() < end:
             st = self.status()
-            if st.all_serving():
-                return {"healed_s": round(time.monotonic() - t0, 3), "restarted": restarted}
+            if identities_home(st):
+                # The management database's readiness is recorded, not waited for: it is not
+                # on the data path, and a run's verdict is about the data path.
+                return {"healed_s": round(time.monotonic() - t0, 3), "restarted": restarted,
+                        "rdb_ready": bool((st.raw.get("rdb") or {}).get("ready", True))}
             for n in st.nodes:
                 if n["state"] in ("down", "stopped") and n["pid"] is None:
                     try:

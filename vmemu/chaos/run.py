@@ -24,14 +24,15 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from vmemu.chaos import availability, schedule as sched_mod
 from vmemu.chaos.nemesis import BOOT_S, Nemesis
 from vmemu.chaos.schedule import DEFAULT_KINDS, Schedule
 from vmemu.chaos.workload import Client, History, Mix, Target, final_reads
 from vmemu.cluster import Cluster
-from vmemu.config import nbd_uri
+from vmemu.config import ClusterConfig, nbd_uri, partner_of
+from vmemu.hypervisor.events import read_events
 from vmemu.privfs import ensure_private_dir
 
 
@@ -46,6 +47,8 @@ class RunSpec:
     mix: Mix = field(default_factory=Mix)
     gap_s: float = 12.0  # between faults, at least
     budget_s: float = 10.0  # the checker's time per block, then "unknown"
+    # Availability budgets are multiplied by it (availability.BUDGETS): for loaded hosts
+    availability_slack: float = 1.0
     keep_cluster: bool = False
     broken: str = ""  # VMEMU_BREAK for the guests: a deliberately broken build (tests only)
     cluster: dict[str, Any] = field(default_factory=lambda: {
@@ -147,10 +150,10 @@ def run(spec: RunSpec, out: Path, schedule: Schedule | None = None,
             time.sleep(0.05)
         ending.set()
         nt.join(BOOT_S)
+        t_stop = time.monotonic()  # the clients' last stretch ends here, not when they join
         stop_clients.set()
         for c in clients:
             c.join(spec.mix.op_timeout + 5)
-        t_clients_end = time.monotonic()
         healed = Nemesis(cluster, spec.detection_s, log, lambda: True).heal()
         touched: dict[str, set[int]] = {}
         for c in clients:
@@ -166,8 +169,7 @@ def run(spec: RunSpec, out: Path, schedule: Schedule | None = None,
             src = cluster.dir / "events.jsonl"
             if src.exists():
                 shutil.copyfile(src, out / "events.jsonl")
-    return _conclude(spec, sched, out, history, t0, t_clients_end, t_start, healed,
-                     nemesis_error)
+    return _conclude(spec, sched, out, history, t0, t_stop, t_start, healed, nemesis_error)
 
 
 def _conclude(spec: RunSpec, sched: Schedule, out: Path, history: History, t0: float,
@@ -184,7 +186,9 @@ def _conclude(spec: RunSpec, sched: Schedule, out: Path, history: History, t0: f
                             budget=spec.budget_s).to_json()
     (out / "verdict.json").write_text(json.dumps(verdict, indent=1) + "\n")
     applied = [json.loads(line) for line in (out / "faults.jsonl").read_text().splitlines()]
-    avail = availability.summarize(history.ops, applied, t0, t_end)
+    avail = availability.judge(history.ops, applied, read_events(out / "events.jsonl"), t0,
+                               t_end, spec.detection_s, _partners(spec, sched.nodes),
+                               spec.availability_slack)
     by_kind: dict[str, int] = {}
     for a in applied:
         if "skipped" not in a:
@@ -193,7 +197,10 @@ def _conclude(spec: RunSpec, sched: Schedule, out: Path, history: History, t0: f
     result = {"seed": sched.seed, "valid": verdict["valid"], "ops": counts,
               "faults": by_kind, "faults_skipped": sum(1 for a in applied if "skipped" in a),
               "nemesis_error": nemesis_error[0] if nemesis_error else None,
-              "anomalies": len(verdict.get("anomalies", [])), "availability": avail,
+              "anomalies": len(verdict.get("anomalies", [])),
+              "availability_ok": avail["ok"], "availability_violations": avail["violations"],
+              "availability": avail["identities"], "outages": avail["outages"],
+              "clients_mono": [t0, t_end],
               "healed_at_end_s": healed.get("healed_s"), "broken": spec.broken or None,
               "seconds": round(time.monotonic() - t_start, 1), "out": str(out),
               "spec": {k: v for k, v in asdict(spec).items() if k != "mix"}}
@@ -202,12 +209,23 @@ def _conclude(spec: RunSpec, sched: Schedule, out: Path, history: History, t0: f
         timeline_png.plot(history.ops, applied, out / "events.jsonl", t0, out / "timeline.png")
     except Exception as exc:  # noqa: BLE001 - a picture is no verdict; say why it is missing
         (out / "timeline.txt").write_text(f"no timeline: {type(exc).__name__}: {exc}\n")
-    if verdict["valid"] is True and nemesis_error == [] and not spec.keep_cluster:
+    if not failed(result) and not spec.keep_cluster:
         shutil.rmtree(out / "cluster", ignore_errors=True)
     return result
 
 
+def _partners(spec: RunSpec, nodes: int) -> Callable[[str], str | None]:
+    topology = spec.cluster.get("topology", ClusterConfig.topology)
+
+    def partner(node: str) -> str | None:
+        p = partner_of(int(node[4:]), nodes, topology)
+        return None if p is None else f"node{p}"
+    return partner
+
+
 def failed(result: dict[str, Any]) -> bool:
-    """A run fails when its history is not linearizable, its verdict is unknown, or a fault
-    could not be done or healed (a cluster that does not come back is a finding too)."""
-    return result["valid"] is not True or bool(result.get("nemesis_error"))
+    """A run fails when its history is not linearizable, its verdict is unknown, a fault
+    could not be done or healed (a cluster that does not come back is a finding too), or an
+    identity was out of service past its budget (availability.py)."""
+    return (result["valid"] is not True or bool(result.get("nemesis_error"))
+            or result.get("availability_ok") is False)

@@ -25,7 +25,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from storage import region as shm
 from storage.disk import pwrite_all
@@ -34,6 +34,18 @@ from vmemu.privfs import ensure_private_dir, open_private
 
 _SAVED = re.compile(r"^(\d{3})-([0-9a-f]{16})\.nvram$")
 _CHUNK = 8 << 20
+
+
+def _chunks(fd: int, size: int, short: Callable[[int], Exception]) -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes) read from `fd` up to `size`, _CHUNK at a time; `short(pos)` is raised
+    if the file ends first (a region or a saved file cut short)."""
+    pos = 0
+    while pos < size:
+        chunk = os.pread(fd, min(_CHUNK, size - pos), pos)
+        if not chunk:
+            raise short(pos)
+        yield pos, chunk
+        pos += len(chunk)
 
 
 @dataclass
@@ -90,13 +102,9 @@ class Destage:
             os.replace(slots[0], path)  # its blocks are allocated: the writes need no room
         out = open_private(path, os.O_WRONLY | os.O_CREAT)
         try:
-            pos = 0
-            while pos < size:
-                chunk = os.pread(fd, min(_CHUNK, size - pos), pos)
-                if not chunk:
-                    raise OSError(f"region {region_id:#x} ended at {pos} of {size} bytes")
+            for pos, chunk in _chunks(fd, size, lambda pos: OSError(
+                    f"region {region_id:#x} ended at {pos} of {size} bytes")):
                 pwrite_all(out, chunk, pos)
-                pos += len(chunk)
             os.ftruncate(out, size)
             os.fsync(out)
         except BaseException:
@@ -134,13 +142,9 @@ class Destage:
             try:
                 m = shm.map_read_write(fd, size)
                 try:
-                    pos = 0
-                    while pos < size:
-                        chunk = os.pread(src, min(_CHUNK, size - pos), pos)
-                        if not chunk:
-                            raise ValueError(f"ends at {pos} of {size} bytes")
+                    for pos, chunk in _chunks(src, size, lambda pos: ValueError(
+                            f"ends at {pos} of {size} bytes")):
                         m[pos:pos + len(chunk)] = chunk
-                        pos += len(chunk)
                     hdr = RegionHeader.read(m)
                 finally:
                     m.close()

@@ -39,6 +39,21 @@ def retry_delay(failures: int) -> float:
     return min(RETRY_MAX_S, RETRY_PLACE_S * 2.0 ** max(0, failures - RETRY_QUICK))
 
 
+def _newest_last(chain: list[int], region: int) -> None:
+    """Put `region` at the end of `chain`: its node writes the identity's newest records now.
+
+    The chain is replayed oldest first, so a later region's records win where two write the
+    same block. A region can already be in the chain when its node takes an identity back
+    that it released a moment ago (the release left it there for the exactly-once table):
+    left in front, the older records of the regions after it would be replayed over the
+    writes it acknowledges from now on. Its records from before the release are on disk (the
+    release ended with a CP), and replay skips them, so moving it loses nothing.
+    """
+    if region in chain:
+        chain.remove(region)
+    chain.append(region)
+
+
 # -- events ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Spawned:
@@ -228,8 +243,8 @@ class Coordinator:
             # A node binds an identity (and acknowledges writes into its own region) before its
             # AssignDone reaches us: if it dies in between, its region must join the chain.
             for ident in self.identities.values():
-                if ident.transit == ("assign", f) and dead not in ident.chain:
-                    ident.chain.append(dead)
+                if ident.transit == ("assign", f):
+                    _newest_last(ident.chain, dead)
         self.giveback_due.pop(f, None)
         for ident in self.identities.values():
             if ident.served_by == f or ident.transit in (("assign", f), ("release", f)):
@@ -258,8 +273,7 @@ class Coordinator:
         self.assign_failures.pop(ev.identity, None)
         ident.served_by = ev.node
         ident.last_server = ev.node
-        if ev.region not in ident.chain:
-            ident.chain.append(ev.region)
+        _newest_last(ident.chain, ev.region)
         if ev.identity == ev.node:
             self.state[ev.node] = SERVING
         elif self.state[ev.identity] == UP and self.giveback_delay >= 0:

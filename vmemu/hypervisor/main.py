@@ -29,7 +29,8 @@ from storage.names import check_name
 from vmemu import datadir
 from vmemu.bus import codec
 from vmemu.bus.rpc import AsyncRpcClient, RpcServer
-from vmemu.config import ClusterConfig, nbd_address, nbd_uri, node_index, partner_of
+from vmemu import tls
+from vmemu.config import ClusterConfig, nbd_address, node_index, partner_of
 from vmemu.errors import (BadRequest, CorruptDisk, InvalidState, NoSpace, NotGranted,
                           Unavailable, UnknownLun, UnknownNode, VmemuError)
 from vmemu.hypervisor import failover as fo
@@ -39,6 +40,7 @@ from vmemu.hypervisor.rdb_driver import RdbDriver
 from vmemu.hypervisor.fdbroker import FdBroker
 from vmemu.hypervisor.grants import GrantTable
 from vmemu.hypervisor.heartbeat import HeartbeatMonitor
+from vmemu.hypervisor import nbd_view
 from vmemu.hypervisor.nvram_reports import NvramReports
 from vmemu.hypervisor.supervisor import MediatorLink, Supervisor
 from vmemu.privfs import lossy_stdio, set_umask
@@ -55,6 +57,9 @@ class Hypervisor:
         self.lock = datadir.DirLock(data_dir)
         self.lock.acquire()
         self.cfg = cfg = resolve_nbd_port(cfg)  # before cluster.json: guests read the real port
+        if cfg.nbd_tls != "off":  # before any guest: each loads the server certificate
+            tls.ensure(data_dir, [nbd_address(cfg, n)[0] for n in range(1, cfg.nodes + 1)],
+                       cfg.cluster_id)
         self.rundir = datadir.RunDir.choose(data_dir, cfg.cluster_id)
         self.rundir.create()
         self.ctx = zmq.Context()
@@ -790,9 +795,9 @@ class Hypervisor:
                 "serves": [f"node{i}" for i in self.coord.served(n)],
                 "region": f"{r:#x}" if (r := self.coord.region[n]) else None,
                 "endpoint": self.rundir.identity(n),
-                "nbd": {"address": nbd_address(self.cfg, n)[0], "port": self.cfg.nbd_port,
-                        "uris": [nbd_uri(self.cfg, n, lun) for lun in lun_ids],
-                        "server": st.get("nbd")},  # this domain's NBD service: counts, bytes held
+                "nbd": nbd_view.node_view(self.cfg, self.rundir, n, lun_ids,
+                                          self.stats.get(srv) if srv and self.coord.alive(srv)
+                                          else None, st),
                 "storage": storage,
                 "mirror": st.get("mirror"),  # --ha-mode mirror: the sender's state and figures
                 "cp": st.get("cp"),
@@ -805,6 +810,7 @@ class Hypervisor:
                 "nodes": nodes, "grants": self.grants.rows(),
                 "rdb": dict(self.rdb.status(), ready=self.rdb_seeded and self.rdb.available),
                 "regions_held": len(self.broker.held),
+                "nbd_tls": nbd_view.tls_view(self.cfg, self.dir),
                 "nvram": dict(self.broker.view(), **self.nvram_reports.view()),
                 "refused": dict(self.broker.refused, forged_reports=self.forged,
                                 bad_frames=self.control.bad_frames)}
@@ -900,6 +906,8 @@ def resolve_nbd_port(cfg: ClusterConfig, attempts: int = 20) -> ClusterConfig:
     SO_REUSEADDR, read it, close), checked free on every node's address; a fixed port is
     checked the same way, so a taken one is one clear line instead of guests failing to serve."""
     hosts = [nbd_address(cfg, n)[0] for n in range(1, cfg.nodes + 1)]
+    if not cfg.nbd_tcp:
+        return cfg  # no NBD on TCP: no port to find
     if cfg.nbd_port:
         busy = [h for h in hosts if not _nbd_port_free(h, cfg.nbd_port)]
         if busy:
