@@ -47,6 +47,7 @@ PR_SET_PDEATHSIG = 1
 # before a write has to wait for room.
 HALF_FULL = 0.75
 CONTROL_PER_TURN = 64  # control requests answered per loop turn
+DEFERRED = object()  # a control request answered later, from the loop (a giveback's release)
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -102,6 +103,8 @@ class Guest:
                                        info["control"], self._stats)
         self.next_cp = time.monotonic() + self.cfg.cp_interval_s
         self.stalled_until = 0.0
+        # A giveback's release waiting for its pre-giveback CP: (identity, peer, request id).
+        self.releasing: tuple[int, bytes, int] | None = None
 
     def _nbd_server(self) -> NbdServer:
         """NBD on each identity's TCP address and/or Unix socket, with TLS if configured:
@@ -262,9 +265,15 @@ class Guest:
             ident = codec.arg(req, "identity", int)
             if ident not in self.dmodule.served:
                 raise InvalidState(f"node{self.node} does not serve node{ident}")
-            self.nmodule.unbind(ident)
-            self.nbd.unbind(ident)
-            return {"cp_ms": self.dmodule.release_identity(ident)["ms"]}
+            if self.releasing is not None:
+                raise InvalidState(f"node{self.node} is already giving node{self.releasing[0]} back")
+            # Two CPs, as a filer's giveback does: the first while still serving (it carries
+            # almost all the dirty data, however long it takes), the second after the unbind
+            # (only what came in during the first), so clients wait for the short one only.
+            d = self.dmodule
+            if not d.cp_running() and d.cp_needed() and time.monotonic() >= d.cp_retry_at:
+                d.start_cp("pre_giveback")
+            return DEFERRED
         if req.op == "map":
             self._on_grant(codec.arg(req, "region", int), codec.arg(req, "owner", int))
             return {}
@@ -450,6 +459,8 @@ class Guest:
                 lost = self.dmodule.storage_lost()
                 if lost is not None:  # end this incarnation: the partner replays our log
                     raise SystemExit(f"node{self.node}: {lost}; stopping for a takeover")
+            if self.releasing is not None and not self.dmodule.cp_running():
+                self._finish_release()
             if mirror is not None:
                 # This turn's spans in one batch (group commit), a resync chunk, deadlines.
                 mirror.end_turn(time.monotonic())
@@ -493,7 +504,30 @@ class Guest:
                                          VmemuError(f"node{self.node}: internal error: {exc!r}"))
                 self._internal_error("control", inc.request.op, exc)
                 continue
+            if result is DEFERRED:
+                self.releasing = (codec.arg(inc.request, "identity", int), inc.peer,
+                                  inc.request.id)
+                continue
             self.control.reply(inc.peer, inc.request.id, result)
+
+    def _finish_release(self) -> None:
+        """The pre-giveback CP is over: unbind, the final (short) CP, and the reply."""
+        assert self.releasing is not None
+        (ident, peer, req_id), self.releasing = self.releasing, None
+        try:
+            if ident not in self.dmodule.served:
+                raise InvalidState(f"node{self.node} no longer serves node{ident}")
+            self.nmodule.unbind(ident)
+            self.nbd.unbind(ident)
+            result = {"cp_ms": self.dmodule.release_identity(ident)["ms"]}
+        except VmemuError as exc:
+            self.control.reply_error(peer, req_id, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - the CP failed: the giveback fails, we go on
+            self.control.reply_error(peer, req_id, VmemuError(
+                f"node{self.node}: the giveback's CP failed: {exc!r}"))
+            return
+        self.control.reply(peer, req_id, result)
 
     def shutdown(self) -> None:
         """Clean stop: a final CP so the disks hold everything, then let go of all of it.

@@ -163,8 +163,17 @@ def test_takeover_right_after_a_giveback_then_a_double_failure_keeps_the_newest_
     c.wait_for(lambda s: s.node("node2")["identity_served_by"] == "node1", 20, "takeover")
     c.restart("node2")
     c.wait_for(lambda s: s.node("node2")["state"] == "up", BOOT_S, "node2 to boot")
+    with c.client("node2") as b:
+        b.write(0, 8192, b"T" * 4096)  # dirty when the giveback starts (no timer CP here)
     c.giveback("node2")
     c.wait_for(lambda s: s.node("node2")["identity_served_by"] == "node2", 20, "giveback")
+    # A giveback is two CPs: one while node1 still serves (the dirty data of the takeover),
+    # then the unbind and a short one; clients wait for the second only.
+    evs = c.events()
+    at = max(i for i, e in enumerate(evs) if e["kind"] == "giveback_started")
+    seq = [e.get("reason") or e["kind"] for e in evs[at:]
+           if (e["kind"] == "cp" and e["node"] == "node1") or e["kind"] == "released"]
+    assert seq[:3] == ["pre_giveback", "giveback", "released"], seq
     with c.client("node2") as b:
         b.write(0, 0, b"A" * 4096)  # into node2's region
     c.crash("node2")
@@ -179,6 +188,7 @@ def test_takeover_right_after_a_giveback_then_a_double_failure_keeps_the_newest_
                "node2 to serve its identity")
     with c.client("node2") as b:
         assert b.read(0, 0, 4096) == b"B" * 4096
+        assert b.read(0, 8192, 4096) == b"T" * 4096
 
 
 def test_ring_of_three_survives_two_failures(make_cluster):

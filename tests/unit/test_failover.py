@@ -336,6 +336,28 @@ def test_holder_failing_during_giveback_hands_the_identity_to_the_owner_with_its
     assert not of(FreeRegion, acts)
 
 
+def test_owner_failing_and_booting_during_the_giveback_leaves_the_identity_with_the_releaser() -> None:
+    """Found by `vmemu chaos` (kill_in_giveback): the owner died while its partner released
+    its identity and was restarted at once; Domain 0 held the identity for the booting owner,
+    dark for a whole boot (2.6-13.6 s), although the releaser was alive."""
+    cl = Cluster(2, "pairs", delay=2.0)
+    r = cl.boot()
+    cl.done(cl.ev(Failed(1, "exit")))
+    cl.start(1)
+    cl.ev(GivebackRequested(1))  # Release(2, 1) in transit
+    cl.ev(Failed(1, "exit"))
+    cl.ev(Spawned(1))  # restarted before node2's release reply
+    acts = cl.ev(ReleaseDone(2, 1, True))
+    assert Assign(2, 1, (r[2],), "takeover") in acts
+    assert logs(acts, "giveback_cancelled")
+    cl.done(acts)
+    assert cl.served_by(1) == 2
+    cl.now = 5.0
+    cl.done(cl.ev(Registered(1, cl.new_region())))  # the owner is back: a giveback is due
+    cl.now = 10.0
+    assert of(Release, cl.ev(Tick())) == [Release(2, 1)]
+
+
 # -- double failures and topologies ------------------------------------------------------------
 def test_double_failure_in_a_pair_leaves_both_identities_unavailable() -> None:
     cl = Cluster(4, "pairs")

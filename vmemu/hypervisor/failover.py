@@ -294,6 +294,13 @@ class Coordinator:
         ident.served_by = None
         releaser = self.region.get(ev.node)
         ident.chain[:] = [releaser] if releaser is not None else []
+        if self.state[ev.identity] == BOOTING and self.alive(ev.node):
+            # The owner died during the giveback and is already booting again: the releaser,
+            # alive and serving a moment ago, takes the identity back at once rather than
+            # leave it dark for a whole boot; the owner gets it back when it registers.
+            return ([Log("giveback_cancelled", ev.identity,
+                         {"reason": "the owner failed during the giveback", "to": ev.node})]
+                    + self._assign(ev.node, ident, "takeover") + self._free())
         return self._place(ident) + self._free()
 
     def _on_CpDone(self, ev: CpDone, now: float) -> list[Action]:
