@@ -239,3 +239,27 @@ def test_a_stalled_main_loop_is_failed_over_although_heartbeats_continue(make_cl
     assert any(e["kind"] == "failure_detected" and e.get("reason") == "stalled" for e in evs)
     with c.client("node1") as b:
         assert b.read(0, 0, 4096) == b"S" * 4096
+
+
+def test_domain0_itself_stopped_longer_than_detection_fences_nobody(make_cluster):
+    """Domain 0 descheduled (here: SIGSTOP) past the detection limit: the beats sent meanwhile
+    wait in its socket; it must read them before it judges, not fence guests that beat all
+    along (on loaded CI hosts this fenced a healthy partner right after a takeover)."""
+    import signal
+    import time
+
+    c = make_cluster(nodes=2)
+    st = c.status()
+    pid = st.raw["hypervisor_pid"]
+    limit_s = c.cfg.heartbeat_ms * c.cfg.heartbeat_misses / 1000.0
+    for _ in range(3):
+        os.kill(pid, signal.SIGSTOP)
+        t = time.monotonic()
+        wait_until(lambda: time.monotonic() - t > 3 * limit_s, 10, "three detection limits")
+        os.kill(pid, signal.SIGCONT)
+        c.wait_for(lambda s: s.raw["own_stalls"] >= 1, 10, "Domain 0 to notice its own stall")
+    st = c.status()
+    assert all(n["state"] == "serving" and n["identity_served_by"] == n["name"]
+               for n in st.nodes), [(e["kind"], e["node"], e.get("silent_ms"), e.get("reason"))
+                                    for e in c.events()][-30:]
+    assert not [e for e in c.events() if e["kind"] in ("heartbeat_missed", "fenced")]

@@ -77,3 +77,26 @@ def test_a_main_loop_silent_past_the_limit_is_stalled() -> None:
     m = HeartbeatMonitor(interval=0.1, misses=5)
     assert not m.stalled(9.9, 10.0)
     assert m.stalled(10.1, 10.0)
+
+
+def test_time_domain0_itself_did_not_run_is_not_counted_as_silence() -> None:
+    m = HeartbeatMonitor(interval=0.05, misses=10)  # limit 0.5 s
+    m.watch(1, 0.0)
+    m.own_turn(0.02, tick_s=0.02)  # an ordinary turn: nothing credited
+    assert m.own_stalls == 0 and m.last[1] == 0.0
+    m.own_turn(1.62, tick_s=0.02)  # Domain 0 descheduled for 1.6 s: 1.5 s credited
+    assert m.own_stalls == 1
+    assert m.overdue(1.62) == []
+    assert m.overdue(2.2) == [1]  # a real silence after it is still caught
+
+
+def test_a_domain0_that_stalls_every_turn_still_detects_a_hang() -> None:
+    m = HeartbeatMonitor(interval=0.05, misses=10)
+    m.watch(1, 0.0)
+    now, turns = 0.0, 0
+    while not m.overdue(now):
+        now += 0.5  # every turn 0.5 s: 0.12 s of each counted
+        m.own_turn(0.5, tick_s=0.02)
+        turns += 1
+        assert turns < 100
+    assert turns == 5  # 5 x 0.12 s > the 0.5 s limit

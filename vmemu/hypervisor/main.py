@@ -228,6 +228,7 @@ class Hypervisor:
         signal.signal(signal.SIGTERM, self._signalled)
         signal.signal(signal.SIGINT, self._signalled)
         tick = min(0.02, self.cfg.heartbeat_ms / 2000.0)
+        last_turn = time.monotonic()
         while True:
             poller = zmq.Poller()
             poller.register(self.control.sock, zmq.POLLIN)
@@ -258,6 +259,8 @@ class Hypervisor:
                 self.events.emit("parent_exited", "hypervisor")
                 self.parent_fd = None
                 self.stop_requested = True
+            self.monitor.own_turn(now - last_turn, tick)
+            last_turn = now
             self._check_heartbeats(now)
             self._apply(self.coord.handle(fo.Tick(), now))
             self.nvram_reports.poll()
@@ -810,6 +813,8 @@ class Hypervisor:
                 "nodes": nodes, "grants": self.grants.rows(),
                 "rdb": dict(self.rdb.status(), ready=self.rdb_seeded and self.rdb.available),
                 "regions_held": len(self.broker.held),
+                # turns after which Domain 0 held its heartbeat verdict (it had not been running)
+                "own_stalls": self.monitor.own_stalls,
                 "nbd_tls": nbd_view.tls_view(self.cfg, self.dir),
                 "nvram": dict(self.broker.view(), **self.nvram_reports.view()),
                 "refused": dict(self.broker.refused, forged_reports=self.forged,
