@@ -1,7 +1,10 @@
 """`python -m bench [--quick] [--out DIR]`: measure, write DIR/latest.json and latest.md, print a table.
 
 Figures (all measured in this run, on this machine):
-  replay_gbps  numba replay vs the pure-Python reference vs memcpy of the same size
+  replay_gbps  KERNEL ONLY: numba replay_region vs the pure-Python reference vs memcpy of the
+               same size (not what a takeover runs)
+  takeover_replay_gbps  the real path: DModule.replay_chain (scan, verify, plan, into the cache
+               or onto the disks) of a half-full 64 MiB NVRAM vs memcpy of the same bytes
   takeover_ms  kill -9 to the first successful client op on the failed node's identity
   up_s         4-node cluster start to all-serving, cold and warm numba cache
   bus_overhead vmemu RPC round trip vs bare pyzmq REQ/REP echo, 4 KiB
@@ -18,7 +21,8 @@ Figures (all measured in this run, on this machine):
                cp_stalls (target: no write waits for a CP unless the NVLog is full; n/a without
                the field)
   baseline     machine facts and a memcpy figure
-Targets are reported as pass/fail; the run does not fail on a missed target.
+Targets are reported as pass/fail (bench/verdicts.py); the run does not fail on a missed target.
+`--docs` measures nothing: it rewrites the docs' tables from OUT/latest.json (bench/docs_tables.py).
 """
 
 from __future__ import annotations
@@ -32,11 +36,11 @@ from typing import Any
 
 from bench import (bus_overhead, cp_bench, failover_timeline, fs_randwrite_bench, ha_modes_bench,
                    nbd_bench, nvlog_lz4_bench, raid_rebuild_bench, replay_bench, report,
-                   takeover_bench, up_bench)
+                   takeover_bench, takeover_replay_bench, up_bench)
 from bench.common import MiB, log, machine_facts, memcpy_gbps, processes_mentioning, shm_entries
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-PARTS = ("replay", "takeover", "up", "bus_overhead", "ha_modes", "nbd_randwrite",
+PARTS = ("replay", "takeover_replay", "takeover", "up", "bus_overhead", "ha_modes", "nbd_randwrite",
          "failover_timeline", "cp", "raid_rebuild", "nvlog_lz4", "fs_randwrite")
 
 
@@ -50,7 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--takeover-offsets", choices=("seq", "random"), default="seq",
                     help="where the takeover fill writes: fresh sequential blocks (default) "
                          "or random blocks over each LUN")
+    ap.add_argument("--docs", action="store_true",
+                    help="measure nothing: rewrite the docs' bench tables from OUT/latest.json")
     args = ap.parse_args(argv)
+    if args.docs:
+        from bench import docs_tables
+
+        return docs_tables.main([str(args.out / "latest.json")])
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = set(parts) - set(PARTS)
     if unknown:
@@ -73,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runners = {
         "replay": ("replay_gbps", lambda: replay_bench.run(args.quick)),
+        "takeover_replay": ("takeover_replay_gbps", lambda: takeover_replay_bench.run(args.quick)),
         "takeover": ("takeover_ms", lambda: takeover_bench.run(args.quick, args.trials,
                                                                args.takeover_offsets, args.out)),
         "up": ("up_s", lambda: up_bench.run(args.quick)),

@@ -68,6 +68,7 @@ def machine_facts() -> dict[str, Any]:
     import zmq
 
     return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "nproc": os.cpu_count(),
         "affinity": len(os.sched_getaffinity(0)),
         "cpu_model": cpu,
@@ -83,15 +84,18 @@ def machine_facts() -> dict[str, Any]:
 
 
 def _git_rev() -> dict[str, Any]:
+    """The commit measured: `git rev-parse HEAD`, and whether the tree differs from it (then
+    "commit" ends in "-dirty": the figures are of that commit plus uncommitted changes)."""
     root = Path(__file__).resolve().parent.parent
     try:
-        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=5).stdout.strip()
+        full = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
+                              capture_output=True, text=True, timeout=5).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"],
                                capture_output=True, text=True, timeout=5).stdout.strip()
-        return {"rev": rev or None, "dirty": bool(dirty)}
+        return {"rev": full[:7] or None, "commit": f"{full}{'-dirty' if dirty else ''}" or None,
+                "dirty": bool(dirty)}
     except (OSError, subprocess.SubprocessError):
-        return {"rev": None, "dirty": None}
+        return {"rev": None, "commit": None, "dirty": None}
 
 
 # -- hygiene: nothing may be left behind ----------------------------------------------------

@@ -15,10 +15,12 @@ completion log); otherwise vmemu's own load generator (clients.load.run_load) ag
 identity. Reported: IOPS and completion latency p50 / p99 / max of each, fs / flat IOPS.
 
 CP figures, per cluster, from the events of kind "cp" on node1 whose start falls inside the
-run: count, reasons, longest (ms) and largest (blocks); ``cp_stalls`` is the growth of node1's
-status ``cp_stalls`` over the run (writes that waited for a CP; None when the status has no
-such field). ``nvlog_full`` says whether the NVLog filled up during the run (a CP of reason
-"log_full"): the one case in which a write may wait for a CP. Independent of that counter, the
+run: count, reasons, longest (ms) and largest (blocks), and the user MB/s the CPs moved per
+second of CP (``cp_mbps_in_run``); ``cp_stalls`` / ``cp_stall_ms`` are the growth of node1's
+status counters over the run (every wait of a write for NVLog space, and their time; None when
+the status has no such field); ``ingest_mbps`` is the job's IOPS x 4 KiB. ``nvlog_full`` says
+whether a CP of reason "log_full" ran (reported; it excuses nothing: bench/verdicts.py judges
+the stalls against whether the disks could absorb the ingest rate). Independent of that, the
 client's own view: the longest stretch without any write completing, overall and overlapping a
 CP (for fio, its log is aligned to the CP events by fio's start time, to within ~tens of ms).
 """
@@ -99,6 +101,10 @@ def cp_summary(events: list[dict[str, Any]], t0: float, t1: float,
         "cp_ms_max": round(max(ms), 1) if ms else None,
         "cp_ms_median": round(percentile(ms, 50), 1) if ms else None,
         "cp_blocks_max": max(blocks) if blocks else None,
+        # user data the run's CPs moved per second of CP: what the disks absorbed through CPs
+        # under this load (4 KiB blocks, 1 MB = 1e6 bytes)
+        "cp_mbps_in_run": round(sum(blocks) * 4096 / 1e6 / (sum(ms) / 1000.0), 1)
+        if blocks and sum(ms) > 0 else None,
         "cp_background": sum(1 for e in cps if e.get("background")),
         "nvlog_full": reasons.get("log_full", 0) > 0,
         "windows": [(e["mono"], e["mono"] + float(e.get("ms") or 0) / 1000.0) for e in cps],
@@ -229,7 +235,7 @@ def _one(name: str, raid: str, disks: int, tmp: Path, runtime: float, tool: str)
             region = min(REGION_CAP, size) // MiB * MiB
             out.update({"storage_kind": (n1.get("storage") or {}).get("kind"),
                         "lun0_bytes": size, "region_bytes": region})
-            stalls0 = n1.get("cp_stalls")
+            stalls0, stall_ms0 = n1.get("cp_stalls"), n1.get("cp_stall_ms")
             uri = None
             if tool == "fio":
                 uri, why = fio_nbd.nbd_uri(s.raw)
@@ -255,7 +261,7 @@ def _one(name: str, raid: str, disks: int, tmp: Path, runtime: float, tool: str)
                 t1 = time.monotonic()
             time.sleep(0.5)  # the hypervisor's view of node1 lags its stats by a beat
             n1 = c.status().node("node1")
-            stalls1 = n1.get("cp_stalls")
+            stalls1, stall_ms1 = n1.get("cp_stalls"), n1.get("cp_stall_ms")
             cps = cp_summary(c.events(), t0, t1)
             windows = cps.pop("windows")
             out.update({
@@ -265,6 +271,10 @@ def _one(name: str, raid: str, disks: int, tmp: Path, runtime: float, tool: str)
                 "runtime_s": round(t1 - t0, 2),
                 "cp_stalls": (stalls1 - stalls0) if isinstance(stalls1, int) and
                 isinstance(stalls0, int) else None,
+                "cp_stall_ms": round(stall_ms1 - stall_ms0, 1)
+                if isinstance(stall_ms1, (int, float)) and isinstance(stall_ms0, (int, float))
+                else None,
+                "ingest_mbps": round(res["iops"] * 4096 / 1e6, 1),
                 "nvlog_peak_fill": round(poller.peak_fill, 3),
                 # between the first and the last completion: not the tool's start or stop
                 "gap_ms": longest_gap_ms(done, done[0], done[-1]) if done else None,
@@ -307,6 +317,8 @@ def run(quick: bool) -> dict[str, Any]:
         f"mixed: fs {fs.get('tool')}, flat {flat.get('tool')}",
         # the storage OS's CPs (node1 of the fs cluster); the flat path's are under "flat"
         "cp_count": fs.get("cp_count"), "cp_stalls": fs.get("cp_stalls"),
+        "cp_stall_ms": fs.get("cp_stall_ms"), "ingest_mbps": fs.get("ingest_mbps"),
+        "cp_mbps_in_run": fs.get("cp_mbps_in_run"),
         "cp_ms_max": fs.get("cp_ms_max"), "cp_blocks_max": fs.get("cp_blocks_max"),
         "cp_reasons": fs.get("cp_reasons"), "nvlog_full": fs.get("nvlog_full"),
         "gap_ms": fs.get("gap_ms"), "gap_in_cp_ms": fs.get("gap_in_cp_ms"),

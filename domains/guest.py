@@ -253,6 +253,7 @@ class Guest:
                 "mapped": [f"{r:#x}" for r in self.monitor.mapped], "region": f"{d.region_id:#x}",
                 "storage": {str(i): d.storage_summary(i) for i in d.served},
                 "cp": d.last_cp_info or None, "cp_stalls": d.cp_stalls,
+                "cp_stall_ms": round(d.cp_stall_ms, 3),
                 "cp_failing": d.cp_failing, "cp_failures": d.cp_failures,
                 "nbd": self.nbd.summary(),
                 "mirror": self.mirror_tx.stats() if self.mirror_tx is not None else None}

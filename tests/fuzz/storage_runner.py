@@ -106,8 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     replay.warm()
     nvlog_check.warm()
     runners = {"nvram": run_nvram, "disk_header": run_disk_header}
+    from bench.common import machine_facts
+
+    # the commit (-dirty if so), the machine and the date, as every results file records them
     results: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                               "seed": args.seed, "targets": {}}
+                               "seed": args.seed, "machine": machine_facts(), "targets": {}}
     for part in parts:
         log(f"{part}: {args.inputs} inputs, seed {args.seed}")
         results["targets"][part] = runners[part](args.inputs, args.seed, args.hang_s)

@@ -805,6 +805,7 @@ class Hypervisor:
                 "mirror": st.get("mirror"),  # --ha-mode mirror: the sender's state and figures
                 "cp": st.get("cp"),
                 "cp_stalls": st.get("cp_stalls"),
+                "cp_stall_ms": st.get("cp_stall_ms"),
                 "last_takeover": self._takeover_view(n),
                 "assign_backoff": self.coord.assign_backoff(n, now),
             })
