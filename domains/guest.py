@@ -31,7 +31,7 @@ from domains import nbd_tls
 from domains.nbd_server import NbdServer
 from domains.nmodule import NModule
 from domains.rdb_host import RdbHost
-from storage import aggregate, nvlog, nvlog_check, nvlog_format, replay
+from storage import aggregate, fault_io, nvlog, nvlog_check, nvlog_format, replay
 from storage import region as shm
 from vmemu import datadir, tls
 from vmemu.privfs import lossy_stdio, set_umask
@@ -253,7 +253,7 @@ class Guest:
                 "storage": {str(i): d.storage_summary(i) for i in d.served},
                 "cp": d.last_cp_info or None, "cp_stalls": d.cp_stalls,
                 "cp_failing": d.cp_failing, "cp_failures": d.cp_failures,
-                "nbd": self.nbd.summary()}
+                "nbd": self.nbd.summary(), "disk_faults": fault_io.TABLE.summary(time.monotonic())}
 
     # -- hypervisor requests -----------------------------------------------------------------
     def _control(self, req: codec.Request) -> Any:
@@ -306,9 +306,11 @@ class Guest:
     def _manage(self, req: codec.Request) -> Any:
         """Management of the identities this domain serves (the hypervisor routes here)."""
         d = self.dmodule
-        d.poll_cp(wait=True)  # metadata changes and disk work never run beside a CP
         what = codec.arg(req, "what", str)
         ident = codec.arg(req, "identity", int)
+        if what == "disk_fault":  # beside a CP too: a fault is meant to hit one
+            return d.disk_fault(ident, req.args)
+        d.poll_cp(wait=True)  # metadata changes and disk work never run beside a CP
         a = req.args
         if what == "cp":
             d.served_or_raise(ident)

@@ -801,6 +801,7 @@ class Hypervisor:
                 "storage": storage,
                 "cp": st.get("cp"),
                 "cp_stalls": st.get("cp_stalls"),
+                "disk_faults": st.get("disk_faults"),  # this domain's (storage.fault_io)
                 "last_takeover": self._takeover_view(n),
                 "assign_backoff": self.coord.assign_backoff(n, now),
             })
