@@ -732,10 +732,14 @@ class DModule:
                 cleared = 0
         except fault_io.RuleError as exc:
             raise BadRequest(str(exc)) from None
-        self.emit("disk_fault_set", {"identity": identity, "kind": args["kind"],
-                                     "disk": args["disk"], "cleared": cleared,
-                                     **({"rule": rule.to_dict(now)} if rule else {})}, now)
-        return fault_io.TABLE.summary(now)
+        if rule is not None or cleared:  # a clear of nothing is a query: no event
+            self.emit("disk_fault_set", {"identity": identity, "kind": args["kind"],
+                                         "disk": args["disk"], "cleared": cleared,
+                                         **({"rule": rule.to_dict(now)} if rule else {})}, now)
+        out = fault_io.TABLE.summary(now)
+        if isinstance(store, FsStore):  # as of now, not a heartbeat ago (the nemesis heals by it)
+            out["raid"] = store.aggr.raid_status()
+        return out
 
     def scrub(self, identity: int) -> dict[str, Any]:
         """Start a scrub; it runs in slices between requests (a whole-aggregate pass at once
