@@ -9,15 +9,12 @@ image files of a running cluster.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from storage.disk import HEADER
-from tests.e2e.conftest import events_when, wait_until
+from tests.e2e.conftest import events_when
 from tests.e2e.test_chaos import SLACK, chaos
 
 pytestmark = pytest.mark.e2e
@@ -133,16 +130,23 @@ def _run(tmp_path: Path, seed: int, duration: str, faults: str) -> dict:
     return json.loads(p.stdout)
 
 
-def test_a_chaos_run_with_disk_faults_is_linearizable_and_heals(tmp_path):
-    """Seed 5 draws an I/O error fault on a data disk: the run is valid, the disk was
-    replaced and rebuilt by the healing, and the fault is on the availability clock."""
-    res = _run(tmp_path, 5, "8s", "disk_eio")
-    assert res["valid"] is True and res["faults"] == {"disk_eio": 1}, res
+@pytest.mark.parametrize("seed, kind", [(1, "disk_eio"), (10, "disk_bitflip")])
+def test_a_chaos_run_with_disk_faults_is_linearizable_and_heals(tmp_path, seed, kind):
+    """Seed 1 draws I/O errors on every call to a disk of node2, seed 10 four bit flips in a
+    disk of node2: each run is valid, the healing replaced the failed disk (and rebuilt it) or
+    scrubbed the flipped bits away, and the fault is on the availability clock."""
+    res = _run(tmp_path, seed, "8s", "disk_eio,disk_slow,disk_torn,disk_bitflip")
+    assert res["valid"] is True and res["faults"] == {kind: 1}, res
     assert res["ops"]["ok"] > 100 and res["availability_ok"] is True
-    applied = [json.loads(x) for x in
-               (tmp_path / "runs" / "seed-5" / "faults.jsonl").read_text().splitlines()]
-    assert applied[0]["disks"]["replaced"] == [f"node1/d{applied[0]['disk']}"]
+    f = json.loads((tmp_path / "runs" / f"seed-{seed}" / "faults.jsonl").read_text()
+                   .splitlines()[0])
     assert {o["what"] for o in res["outages"]} == {"disk"}
+    if kind == "disk_eio":
+        assert f["disks"]["replaced"] == [f"node2/d{f['disk']}"]
+    else:
+        scrub = f["disks"]["scrubs"]["node2"]
+        # every flipped block was caught: by a client's read (repaired then) or by the scrub
+        assert scrub["unrecoverable"] == [] and scrub["checksum_errors"] <= len(f["flips"])
 
 
 def test_a_kill_during_a_rebuild_is_linearizable_and_the_rebuild_completes(tmp_path):
