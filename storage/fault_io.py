@@ -20,8 +20,10 @@ the identity over opens the disks afresh, without the failed guest's rules.
 
 Callers must treat EIO as the disk failing (storage/raid/device.py turns it into
 DeviceFailed: the RAID group fails the member and serves from the others); a torn write is
-an EIO after a partial write, so the same handling covers it. Other errors (ENOSPC) keep
-their meaning: the consistency point fails and is retried.
+an EIO after a partial write, so the same handling covers it. (A tear is not a short return:
+every writer here loops on a short pwrite, as it must for a file system that places part of
+a write, so a short return is no fault to them.) Other errors (ENOSPC) keep their meaning:
+the consistency point fails and is retried.
 
 ``RuleTable`` is pure apart from its random draw (seedable) and takes the clock as an
 argument, so the unit tests drive it without sleeping.
