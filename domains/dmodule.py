@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from storage import nvlog_format as F
-from storage import nvlog_check, replay
+from storage import fault_io, nvlog_check, replay
 from domains.store import FlatStore, FsStore, LunHandle, Store
 from storage.aggregate import Aggregate
 from storage.blockcache import BlockCache
@@ -37,6 +37,7 @@ from vmemu.errors import (BadRequest, CorruptDisk, Fenced, InvalidState, LogFull
 
 CP_RETRY_S = 0.5  # a failed CP is tried again after this, doubling up to CP_RETRY_MAX_S
 CP_RETRY_MAX_S = 8.0
+BG_RETRY_S = 5.0  # a failed slice of reconstruction is tried again after this
 DEDUP_PER_CLIENT = 8192
 DEDUP_CLIENTS = 1024
 CARRY_PER_CLIENT = 1024  # how much of the table survives a CP, per client
@@ -60,6 +61,7 @@ class Served:
     replayed: dict[int, int] = field(default_factory=dict)  # region -> last seq replayed
     handles: list[LunHandle] = field(default_factory=list)
     read_errors_seen: dict[str, int] = field(default_factory=dict)
+    bg_retry_at: float = 0.0  # background work (rebuild, scrub) failed: not before this
 
     @property
     def luns(self) -> list[LunHandle]:
@@ -246,11 +248,21 @@ class DModule:
         self.ops += 1
         return data
 
+    def _note_disk_failures(self, served: Served) -> None:
+        """Members the RAID group failed on an I/O error: one ``disk_failed`` event each."""
+        store = served.store
+        if isinstance(store, FsStore) and store.aggr.failures:
+            for f in store.aggr.take_failures():
+                self.emit("disk_failed", {"identity": served.identity, "disk": f["disk"],
+                                          "raid": f["raid"], "cause": "io_error"}, f["mono"])
+
     def _note_read_errors(self, served: Served) -> None:
-        """A read met a corrupt block (repaired from RAID, or not): say so in the events."""
+        """A read met a corrupt block (repaired from RAID, or not), or a disk that failed:
+        say so in the events."""
         store = served.store
         if not isinstance(store, FsStore):
             return
+        self._note_disk_failures(served)
         now = store.aggr.group.read_errors
         seen = served.read_errors_seen
         # Reconstructing a failed disk's blocks is the degraded mode working (counted in
@@ -429,6 +441,8 @@ class DModule:
             return None
         job.done.wait()
         self.cp_job = None
+        for served, _, _ in job.frozen:
+            self._note_disk_failures(served)
         if job.error is not None:
             for served, blks, _ in job.frozen:  # nothing is lost: the writes go back in the cache
                 served.cache.unfreeze()
@@ -679,26 +693,73 @@ class DModule:
         return aggr.raid_status()
 
     def background_work(self, budget_stripes: int = 512) -> bool:
-        """One slice of reconstruction; True if any was done (the loop then polls sooner)."""
+        """One slice of reconstruction; True if any was done (the loop then polls sooner).
+
+        A slice that fails (the replacement disk failing too, a stripe that cannot be
+        rebuilt, the group going offline) is reported (``reconstruction_failed``,
+        ``scrub_failed``) and never ends the domain; a rebuild that is still pending after
+        a failure is tried again after ``BG_RETRY_S``."""
         did = False
+        now = time.monotonic()
         for served in self.served.values():
             store = served.store
-            if isinstance(store, FsStore) and store.aggr.scrubbing is not None \
-                    and not store.aggr.scrubbing.get("finished") and not store.aggr.group.offline:
-                did = True
-                if store.aggr.scrub_step(budget_stripes):
-                    sc = store.aggr.scrubbing
-                    self.emit("scrub_done", {"identity": served.identity, **{
-                        k: v for k, v in sc.items() if isinstance(v, int)},
-                        "unrecoverable": sc["unrecoverable"]}, time.monotonic())
-            if isinstance(store, FsStore) and store.aggr.rebuilding():
-                prog = store.aggr.rebuild_step(budget_stripes)
-                did = True
-                if prog["complete"]:
-                    self.emit("reconstruction_done", {"identity": served.identity, **{
-                        k: prog[k] for k in ("disk", "total", "rate_mbps", "seconds")}},
-                        time.monotonic())
+            if not isinstance(store, FsStore) or now < served.bg_retry_at:
+                continue
+            aggr = store.aggr
+            try:
+                if aggr.scrubbing is not None and not aggr.scrubbing.get("finished") \
+                        and not aggr.group.offline:
+                    did = True
+                    if aggr.scrub_step(budget_stripes):
+                        sc = aggr.scrubbing
+                        self.emit("scrub_done", {"identity": served.identity, **{
+                            k: v for k, v in sc.items() if isinstance(v, int)},
+                            "unrecoverable": sc["unrecoverable"]}, time.monotonic())
+                if aggr.rebuilding():
+                    prog = aggr.rebuild_step(budget_stripes)
+                    did = True
+                    if prog["complete"]:
+                        self.emit("reconstruction_done", {"identity": served.identity, **{
+                            k: prog[k] for k in ("disk", "total", "rate_mbps", "seconds")}},
+                            time.monotonic())
+            except Fenced:
+                raise  # a stale incarnation: the hypervisor has handed our disks on
+            except VmemuError as exc:
+                served.bg_retry_at = time.monotonic() + BG_RETRY_S
+                if aggr.scrubbing is not None and not aggr.scrubbing.get("finished"):
+                    aggr.scrubbing["finished"] = time.time()
+                    aggr.scrubbing["error"] = exc.message
+                kind = "reconstruction_failed" if aggr.last_rebuild and \
+                    not aggr.last_rebuild.get("finished") else "scrub_failed"
+                self.emit(kind, {"identity": served.identity, "error": exc.message[:300],
+                                 "raid": aggr.raid_status()["state"]}, time.monotonic())
+            self._note_disk_failures(served)
         return did
+
+    def disk_fault(self, identity: int, args: dict[str, Any]) -> dict[str, Any]:
+        """Install (or clear) a fault rule on one of the identity's disks (storage.fault_io):
+        for vmemu chaos and tests. Every field is checked first; a bad one changes nothing."""
+        served = self.served_or_raise(identity)
+        store = served.store
+        disks = len(store.aggr.disks) if isinstance(store, FsStore) else len(store.disks)
+        now = time.monotonic()
+        try:
+            rule = fault_io.parse_rule(args, identity, disks, now)
+            if rule is None:
+                cleared = fault_io.TABLE.clear(identity, int(args["disk"]))
+            else:
+                fault_io.TABLE.add(rule, now)
+                cleared = 0
+        except fault_io.RuleError as exc:
+            raise BadRequest(str(exc)) from None
+        if rule is not None or cleared:  # a clear of nothing is a query: no event
+            self.emit("disk_fault_set", {"identity": identity, "kind": args["kind"],
+                                         "disk": args["disk"], "cleared": cleared,
+                                         **({"rule": rule.to_dict(now)} if rule else {})}, now)
+        out = fault_io.TABLE.summary(now)
+        if isinstance(store, FsStore):  # as of now, not a heartbeat ago (the nemesis heals by it)
+            out["raid"] = store.aggr.raid_status()
+        return out
 
     def scrub(self, identity: int) -> dict[str, Any]:
         """Start a scrub; it runs in slices between requests (a whole-aggregate pass at once

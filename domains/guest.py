@@ -31,7 +31,7 @@ from domains import nbd_tls
 from domains.nbd_server import NbdServer
 from domains.nmodule import NModule
 from domains.rdb_host import RdbHost
-from storage import aggregate, nvlog, nvlog_check, nvlog_format, replay
+from storage import aggregate, fault_io, nvlog, nvlog_check, nvlog_format, replay
 from storage import region as shm
 from vmemu import datadir, tls
 from vmemu.privfs import lossy_stdio, set_umask
@@ -255,7 +255,7 @@ class Guest:
                 "cp": d.last_cp_info or None, "cp_stalls": d.cp_stalls,
                 "cp_stall_ms": round(d.cp_stall_ms, 3),
                 "cp_failing": d.cp_failing, "cp_failures": d.cp_failures,
-                "nbd": self.nbd.summary(),
+                "nbd": self.nbd.summary(), "disk_faults": fault_io.TABLE.summary(time.monotonic()),
                 "mirror": self.mirror_tx.stats() if self.mirror_tx is not None else None}
 
     # -- hypervisor requests -----------------------------------------------------------------
@@ -315,9 +315,11 @@ class Guest:
     def _manage(self, req: codec.Request) -> Any:
         """Management of the identities this domain serves (the hypervisor routes here)."""
         d = self.dmodule
-        d.poll_cp(wait=True)  # metadata changes and disk work never run beside a CP
         what = codec.arg(req, "what", str)
         ident = codec.arg(req, "identity", int)
+        if what == "disk_fault":  # beside a CP too: a fault is meant to hit one
+            return d.disk_fault(ident, req.args)
+        d.poll_cp(wait=True)  # metadata changes and disk work never run beside a CP
         a = req.args
         if what == "cp":
             d.served_or_raise(ident)

@@ -23,10 +23,12 @@ with no CP in flight (the D-module waits for it first).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +90,11 @@ class Aggregate:
         self.remounts = 0  # after CPs the disks refused (recover)
         self.remount_failed = False
         self._rebuild_t0 = time.monotonic()
+        # Members the group failed at run time (I/O errors), for the D-module to report.
+        self.failures: list[dict[str, Any]] = []
+        self._state_lock = threading.Lock()
+        self._state_unsaved = False
+        group.on_member_failed = self._member_failed
         if group.rebuild_member is not None:  # a rebuild resumed at open (from stripe 0)
             self.last_rebuild = {"disk": f"d{group.rebuild_member}", "started": time.time(),
                                  "done": 0, "total": group.stripes, "rate_mbps": 0.0}
@@ -400,11 +407,39 @@ class Aggregate:
         m = self._member(d)
         if self.group.state[m] is MemberState.FAILED:
             raise InvalidState(f"disk d{m} of node{self.identity} has already failed")
-        self.group.fail_member(m)
-        self.state["failed"] = sorted(set(self.state["failed"]) | {m})
-        if self.state.get("rebuilding") == m:
-            self.state["rebuilding"] = None
-        _save_state(self.node_dir, self.state)
+        self.group.fail_member(m)  # recorded in aggr.json by _member_failed
+        if self._state_unsaved:
+            with self._state_lock:
+                _save_state(self.node_dir, self.state)
+                self._state_unsaved = False
+        # Asked for, and reported by the caller: not a run-time failure to report again.
+        self.failures[:] = [f for f in self.failures if f["disk"] != f"d{m}"]
+
+    def _member_failed(self, m: int) -> None:
+        """The group has failed member m (an I/O error, from any thread): record it in
+        aggr.json now, before any CP can commit a root that depends on the member being left
+        out. A member that missed writes but came back as healthy after a restart would hold
+        stale blocks whose own checksums still verify. If the record cannot be written, the
+        next ``set_applied`` (which every CP does before its NVLog half is let go) retries it
+        and fails the CP until it can."""
+        with self._state_lock:
+            self.state["failed"] = sorted(set(self.state["failed"]) | {m})
+            if self.state.get("rebuilding") == m:
+                self.state["rebuilding"] = None
+            try:
+                _save_state(self.node_dir, self.state)
+            except OSError:
+                self._state_unsaved = True
+        self.failures.append({"disk": f"d{m}", "mono": time.monotonic(),
+                              "raid": "offline" if self.group.offline else "degraded"})
+
+    def take_failures(self) -> list[dict[str, Any]]:
+        """The run-time member failures since the last call (list.pop is atomic: the CP
+        thread may append meanwhile)."""
+        out = []
+        while self.failures:
+            out.append(self.failures.pop(0))
+        return out
 
     def replace_disk(self, d: int, epoch: int) -> None:
         """A fresh disk in the failed member's slot; reconstruction then runs in the background."""
@@ -528,9 +563,22 @@ class Aggregate:
         return out
 
     def set_applied(self, applied: dict[int, int]) -> None:
+        """Every live member's header records `applied`. A member whose header write fails
+        with EIO is failed (like any other I/O error on it); if that leaves the group
+        offline, this raises and the CP fails."""
         for m, disk in enumerate(self.disks):
             if self.group.state[m] is not MemberState.FAILED:
-                disk.set_applied(applied)
+                try:
+                    disk.set_applied(applied)
+                except OSError as exc:
+                    if exc.errno != errno.EIO:
+                        raise
+                    self.group.fail_member(m)
+        self.group._guard()
+        if self._state_unsaved:
+            with self._state_lock:
+                _save_state(self.node_dir, self.state)
+                self._state_unsaved = False
 
     def check_epoch(self) -> None:
         for disk in self.disks:

@@ -41,7 +41,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
-from storage import loopdev
+from storage import fault_io, loopdev
 from vmemu.errors import CorruptDisk, Fenced, OutOfRange
 
 MAGIC = b"VMDISK01"
@@ -179,6 +179,8 @@ class Disk:
                 if disk.direct_fd is not None:
                     fds.append(disk.direct_fd)
             disk.check_epoch()
+            for f in fds:  # the key a fault rule names this disk by (storage.fault_io)
+                fault_io.register(f, disk.node_index, disk.disk_index)
         except BaseException:
             hdr.close()
             for f in fds:
@@ -193,8 +195,10 @@ class Disk:
             self._data = None
         self._hdr.close()
         if self.direct_fd is not None:
+            fault_io.unregister(self.direct_fd)
             os.close(self.direct_fd)
             self.direct_fd = None
+        fault_io.unregister(self.fd)
         os.close(self.fd)
 
     # -- fencing ---------------------------------------------------------------------------
@@ -224,7 +228,7 @@ class Disk:
         dfd = self._direct(offset, length)
         if dfd is not None:
             return _pread_direct(dfd, length, HEADER + offset)
-        return os.pread(self.fd, length, HEADER + offset)
+        return fault_io.pread(self.fd, length, HEADER + offset)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         self.check_range(offset, len(data))
@@ -244,7 +248,7 @@ class Disk:
         return self._data
 
     def sync(self) -> None:
-        os.fdatasync(self.fd)
+        fault_io.fdatasync(self.fd)
 
     # -- replay bookkeeping ----------------------------------------------------------------
     def applied(self) -> dict[int, int]:
@@ -261,7 +265,7 @@ class Disk:
         if OFF_APPLIED + len(raw) > HEADER:
             raise ValueError("applied map does not fit in the disk header")
         pwrite_all(self.fd, struct.pack("<I", len(raw)) + raw, OFF_APPLIED_LEN)
-        os.fdatasync(self.fd)
+        fault_io.fdatasync(self.fd)
 
 
 def stamp_epoch(path: Path, node: int | None = None, index: int | None = None) -> int:
@@ -339,7 +343,7 @@ def _pread_direct(fd: int, length: int, pos: int) -> bytes:
         try:
             done = 0
             while done < length:
-                n = os.preadv(fd, [view[done:]], pos + done)
+                n = fault_io.preadv(fd, [view[done:]], pos + done)
                 if n == 0:
                     break  # end of device; the range check makes this unreachable
                 done += n
@@ -356,7 +360,7 @@ def pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
     view = memoryview(data).cast("B")
     done = 0
     while done < len(view):
-        done += os.pwrite(fd, view[done:], pos + done)
+        done += fault_io.pwrite(fd, view[done:], pos + done)
 
 
 def _pwrite_direct(fd: int, data: bytes | memoryview, pos: int) -> None:
@@ -368,7 +372,7 @@ def _pwrite_direct(fd: int, data: bytes | memoryview, pos: int) -> None:
         try:
             done = 0
             while done < length:
-                done += os.pwrite(fd, view[done:], pos + done)
+                done += fault_io.pwrite(fd, view[done:], pos + done)
         finally:
             view.release()
     finally:

@@ -60,6 +60,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from storage import fault_io
 from storage.checksum import (
     _BLK,
     _SHIFT,
@@ -707,7 +708,8 @@ _MAX_RUN = 1 << 20  # bytes per pwritev
 def _pwritev_all(fd: int, bufs: list[memoryview], offset: int) -> None:
     """pwritev until every byte is written (a regular file may still write short)."""
     while bufs:
-        done = os.pwritev(fd, bufs, offset) if len(bufs) > 1 else os.pwrite(fd, bufs[0], offset)
+        done = fault_io.pwritev(fd, bufs, offset) if len(bufs) > 1 \
+            else fault_io.pwrite(fd, bufs[0], offset)
         offset += done
         while bufs and done >= len(bufs[0]):
             done -= len(bufs[0])

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 from typing import Protocol, Union, runtime_checkable
 
+import contextlib
+import errno
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from storage import fault_io
 from storage.disk import HEADER, Disk
 from storage.raid.errors import DeviceFailed
 from vmemu.errors import OutOfRange
@@ -135,28 +138,53 @@ class DiskDevice(_FaultyDevice):
 
     Writes go through ``Disk.write`` so they stay epoch-fenced; a fenced holder gets
     ``Fenced`` (not ``DeviceFailed``): being fenced is not a disk failure.
+
+    An I/O error (EIO, also a torn write: storage.fault_io) is the disk failing: it becomes
+    ``DeviceFailed`` and the device stays failed, so the group serves from the other members
+    and never trusts this one again until it is replaced and rebuilt. A write that failed
+    half-way leaves the member's block stale with a checksum entry that may still vouch for
+    the old contents: only failing the member keeps such a block from being read back. Other
+    errors (ENOSPC on a full file system) pass through: the CP fails and is retried.
     """
 
     def __init__(self, disk: Disk) -> None:
         super().__init__(disk.size // BLOCK_SIZE, f"{disk.path.name}")
         self.disk = disk
 
+    @contextlib.contextmanager
+    def _eio_fails(self) -> Iterator[None]:
+        """An EIO inside fails the device for good (see the class docstring)."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            self._failed = True
+            raise DeviceFailed(f"device {self.name} has failed: {exc.strerror or exc}") from exc
+
     def read_block(self, i: int) -> bytes:
         self._check(i)
-        return self.disk.read(i * BLOCK_SIZE, BLOCK_SIZE)
+        with self._eio_fails():
+            return self.disk.read(i * BLOCK_SIZE, BLOCK_SIZE)
 
     def write_block(self, i: int, data: bytes) -> None:
         self._check(i, data)
-        self.disk.write(i * BLOCK_SIZE, data)
+        with self._eio_fails():
+            self.disk.write(i * BLOCK_SIZE, data)
 
     def read_run(self, first: int, count: int) -> bytes:
         """Blocks ``first .. first+count-1`` with one ``pread``."""
         self._check_run(first, count)
-        return self.disk.read(first * BLOCK_SIZE, count * BLOCK_SIZE)
+        with self._eio_fails():
+            return self.disk.read(first * BLOCK_SIZE, count * BLOCK_SIZE)
 
     def write_run(self, first: int, data: RunData) -> None:
         """Consecutive blocks with one (epoch-fenced) ``pwrite``, or ``pwritev`` calls of up to
         IOV_MAX buffers when given a sequence of block buffers (no copy to gather them)."""
+        with self._eio_fails():
+            self._write_run(first, data)
+
+    def _write_run(self, first: int, data: RunData) -> None:
         if isinstance(data, (list, tuple)) and getattr(self.disk, "direct_fd", None) is not None:
             # A disk on a block device writes aligned data with O_DIRECT through Disk.write;
             # keep every write on that path rather than mixing in buffered pwritev.
@@ -175,11 +203,11 @@ class DiskDevice(_FaultyDevice):
         for k in range(0, len(data), _IOV_MAX):
             chunk = data[k:k + _IOV_MAX]
             want = len(chunk) * BLOCK_SIZE
-            n = os.pwritev(self.disk.fd, chunk, pos)
+            n = fault_io.pwritev(self.disk.fd, chunk, pos)
             if n != want:  # regular files do not short-write, but never assume it
                 flat = b"".join(chunk)
                 while n < want:
-                    n += os.pwrite(self.disk.fd, flat[n:], pos + n)
+                    n += fault_io.pwrite(self.disk.fd, flat[n:], pos + n)
             pos += want
 
     def corrupt_block(self, i: int, offset: int = 0, xor: int = 0xFF) -> None:
@@ -188,4 +216,7 @@ class DiskDevice(_FaultyDevice):
         self.disk.write(pos, bytes([old ^ xor]))
 
     def sync(self) -> None:
-        self.disk.sync()
+        if self._failed:
+            raise DeviceFailed(f"device {self.name} has failed")
+        with self._eio_fails():
+            self.disk.sync()

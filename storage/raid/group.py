@@ -135,6 +135,10 @@ class RaidGroup:
         self.rebuild_member: int | None = None
         self.rebuild_cursor = 0
         self.crash_hook: Callable[[str, int], None] | None = None
+        # Told (with the member's index) when a member turns failed, whatever failed it: an
+        # I/O error in a CP, a read, a rebuild, or an administrator. The aggregate records it
+        # durably, so that a restart or a takeover never trusts the member's stale blocks.
+        self.on_member_failed: Callable[[int], None] | None = None
         self._offline = False
         self._sync_pool: ThreadPoolExecutor | None = None
         self._lock = threading.RLock()
@@ -187,10 +191,13 @@ class RaidGroup:
                               f"or not yet rebuilt, more than it can survive")
 
     def _mark_failed(self, m: int) -> None:
+        was = self.state[m]
         self.state[m] = MemberState.FAILED
         if self.rebuild_member == m:
             self.rebuild_member = None
         self._update_offline()
+        if was is not MemberState.FAILED and self.on_member_failed is not None:
+            self.on_member_failed(m)
 
     @_locked
     def fail_member(self, m: int) -> None:

@@ -49,11 +49,16 @@ BUDGETS: dict[str, Budget] = {
     "giveback": Budget(1.0, False, "the identity given back to its restarted owner"),
     "double": Budget(1.0, False, "both nodes of a pair down: from when the node that then "
                                  "serves it registered again"),
+    "disk": Budget(1.0, False, "a disk failing under a node (I/O errors, torn writes, bit "
+                               "flips): RAID serves from the others, then rebuilds"),
+    "disk_slow": Budget(2.0, False, "a slow disk under a node: every I/O late, none refused"),
 }
 FIRST_CLOCK: dict[str, str] = {
     "kill": "kill", "kill_in_cp": "kill", "kill_pair": "kill", "kill_in_replay": "kill",
     "kill_after_assume": "kill", "kill_in_giveback": "kill",
     "pause_short": "hang", "pause_long": "hang",
+    "disk_eio": "disk", "disk_torn": "disk", "disk_bitflip": "disk", "disk_slow": "disk_slow",
+    "kill_in_rebuild": "kill",
 }
 DOWN = "down"  # a double failure before a node returns: out of service by design, not judged
 
@@ -257,4 +262,6 @@ def describe(v: dict[str, Any]) -> str:
 
 
 _STAGE = {"kill": "after a kill", "hang": "after the hang", "giveback": "after a giveback",
-          "double": "after a node came back from the double failure"}
+          "double": "after a node came back from the double failure",
+          "disk": "during the disk fault and its rebuild",
+          "disk_slow": "during the slow disk"}

@@ -100,9 +100,21 @@ def _print(obj: dict[str, Any], as_json: bool, human: Any) -> None:
 def _fault_line(rec: dict[str, Any]) -> str:
     what = rec.get("skipped") or rec.get("error") or (
         f"killed {', '.join(rec['killed'])}" if rec.get("killed") else
-        f"paused {rec.get('paused')} {rec.get('held_s', '')}")
+        f"paused {rec.get('paused')} {rec.get('held_s', '')}" if rec.get("paused") else
+        _disk_line(rec))
     heal = f", healed in {rec['healed_s']:.1f}s" if "healed_s" in rec else ""
     return f"  t+{rec['at']:5.1f}s {rec['kind']:<17} {rec['target']}: {what}{heal}"
+
+
+def _disk_line(rec: dict[str, Any]) -> str:
+    """A disk fault (vmemu/chaos/nemesis_disk.py): which disk, for how long or which bits."""
+    out = f"d{rec.get('disk')}"
+    if "flips" in rec:
+        out += f", {len(rec['flips'])} bits flipped"
+    elif "held_s" in rec:
+        out += f" for {rec['held_s']}s"
+    replaced = (rec.get("disks") or {}).get("replaced")
+    return out + (f", replaced {', '.join(replaced)}" if replaced else "")
 
 
 def _run_lines(console: Console, r: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from vmemu.chaos.nemesis_disk import DISK_KINDS, DiskFaults
 from vmemu.chaos.schedule import Fault
 from vmemu.cluster import Cluster, Status
 from vmemu.config import partner_of
@@ -61,7 +62,7 @@ class EventTail:
         return out
 
 
-class Nemesis:
+class Nemesis(DiskFaults):
     def __init__(self, cluster: Cluster, detection_s: float, record: Callable[[dict], None],
                  alive: Callable[[], bool]) -> None:
         self.c = cluster
@@ -75,6 +76,7 @@ class Nemesis:
         # This fault's kills, (node, mono): each starts an availability clock (availability.py)
         self.kills: list[tuple[str, float]] = []
         self.topology = cluster.control.config.topology
+        self.want_scrub: list[str] = []  # nodes the healing scrubs after the last fault
 
     # -- what the cluster looks like -------------------------------------------------------
     def status(self) -> Status:
@@ -112,11 +114,14 @@ class Nemesis:
         if node["state"] != "serving" or node["identity_served_by"] != f.target \
                 or not identities_home(st):
             return {"skipped": f"{f.target} is {node['state']}, the cluster not all serving"}
+        if f.kind in DISK_KINDS and (why := self.disk_precondition(f, st)) is not None:
+            return {"skipped": why}
         self.tail.new()  # only events after the fault count as its triggers
         self.pids_before = {n["name"]: n["pid"] for n in st.nodes}
         self.kills = []
         do = getattr(self, f"_{f.kind}")
         rec = do(f, int(node["pid"]))
+        self.want_scrub = [f.target] if rec.get("scrub") else []
         if self.kills:
             rec["kills"] = [[n, round(t, 6)] for n, t in self.kills]
         return rec
@@ -255,10 +260,15 @@ class Nemesis:
         while self.alive() and time.monotonic() < end:
             st = self.status()
             if identities_home(st):
+                # Then the disks: rules cleared, failed ones replaced and rebuilt (a no-op
+                # after faults that touched none).
+                disks = self.heal_disks(end, scrub=self.want_scrub)
+                self.want_scrub = []
                 # The management database's readiness is recorded, not waited for: it is not
                 # on the data path, and a run's verdict is about the data path.
                 return {"healed_s": round(time.monotonic() - t0, 3), "restarted": restarted,
-                        "rdb_ready": bool((st.raw.get("rdb") or {}).get("ready", True))}
+                        "rdb_ready": bool((st.raw.get("rdb") or {}).get("ready", True)),
+                        **({"disks": disks} if disks["replaced"] or disks["scrubs"] else {})}
             for n in st.nodes:
                 if n["state"] in ("down", "stopped") and n["pid"] is None:
                     try:

@@ -17,7 +17,7 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 # kind -> what it does (the nemesis' docstring says how)
 KINDS: dict[str, str] = {
@@ -29,10 +29,37 @@ KINDS: dict[str, str] = {
     "kill_after_assume": "kill -9 of the taker between identity assumed and its first request",
     "kill_in_giveback": "kill -9 of a guest while its identity is given back to it",
     "kill_in_cp": "kill -9 of a guest while it writes a consistency point",
+    # disk faults (vmemu/chaos/nemesis_disk.py), not in DEFAULT_KINDS: --faults names them
+    "disk_eio": "a disk of one identity fails every read, write and sync for a few seconds",
+    "disk_slow": "a disk of one identity answers every I/O late for a few seconds",
+    "disk_torn": "a disk of one identity tears its writes (a sector prefix, then EIO)",
+    "disk_bitflip": "bits flipped straight into allocated data blocks of a disk image",
+    "kill_in_rebuild": "a disk failed and replaced, and kill -9 of the guest as it rebuilds",
 }
 DEFAULT_KINDS = ("kill", "pause_short", "pause_long", "kill_in_cp", "kill_in_replay",
                  "kill_after_assume", "kill_in_giveback", "kill_pair")
+DISK_KINDS = ("disk_eio", "disk_slow", "disk_torn", "disk_bitflip", "kill_in_rebuild")
 MAX_FAULTS = 10_000  # a schedule read back from a file is bounded like anything else read
+
+
+def _disk_draw(rng: random.Random) -> dict[str, Any]:
+    return {"disk_draw": rng.randrange(1 << 16)}  # the disk is this modulo the node's disks
+
+
+def _hold(rng: random.Random) -> dict[str, Any]:
+    # A CP every 2 s in a chaos cluster: a hold this long sees at least one
+    return {"hold_s": round(rng.uniform(2.0, 4.0), 3)}
+
+
+DISK_PARAMS: dict[str, Callable[[random.Random], dict[str, Any]]] = {
+    "disk_eio": lambda r: {**_disk_draw(r), **_hold(r), "probability": r.choice((0.3, 1.0))},
+    "disk_slow": lambda r: {**_disk_draw(r), **_hold(r),
+                            "delay_ms": round(r.uniform(5.0, 40.0), 1)},
+    "disk_torn": lambda r: {**_disk_draw(r), **_hold(r), "probability": r.choice((0.5, 1.0))},
+    "disk_bitflip": lambda r: {**_disk_draw(r), "flips": r.randint(1, 8),
+                               "flip_seed": r.randrange(1 << 32)},
+    "kill_in_rebuild": _disk_draw,
+}
 
 
 @dataclass(frozen=True)
@@ -88,6 +115,8 @@ def generate(seed: int, duration: float, nodes: int, kinds: tuple[str, ...] = DE
             params["victim"] = rng.choice(("owner", "releaser"))
         elif kind == "pause_long":
             params["hold_s"] = round(rng.uniform(0.5, 2.0), 3)  # beyond the fence
+        elif kind in DISK_PARAMS:
+            params.update(DISK_PARAMS[kind](rng))
         faults.append(Fault(round(t, 3), kind, target, params))
         t += gap_s + rng.uniform(0, gap_s / 2)
     return Schedule(seed, duration, nodes, tuple(faults))

@@ -806,6 +806,7 @@ class Hypervisor:
                 "cp": st.get("cp"),
                 "cp_stalls": st.get("cp_stalls"),
                 "cp_stall_ms": st.get("cp_stall_ms"),
+                "disk_faults": st.get("disk_faults"),  # this domain's (storage.fault_io)
                 "last_takeover": self._takeover_view(n),
                 "assign_backoff": self.coord.assign_backoff(n, now),
             })
