@@ -49,12 +49,17 @@ BUDGETS: dict[str, Budget] = {
     "giveback": Budget(1.0, False, "the identity given back to its restarted owner"),
     "double": Budget(1.0, False, "both nodes of a pair down: from when the node that then "
                                  "serves it registered again"),
+    "cut": Budget(0.5, False, "clients hanging up mid-request: the server never stops "
+                              "serving, the other clients' ops go on"),
 }
 FIRST_CLOCK: dict[str, str] = {
     "kill": "kill", "kill_in_cp": "kill", "kill_pair": "kill", "kill_in_replay": "kill",
     "kill_after_assume": "kill", "kill_in_giveback": "kill",
     "pause_short": "hang", "pause_long": "hang",
+    "client_cut": "cut",
 }
+# Faults that touch their target's identity alone (no node stops: the partner's is not moved)
+OWN_IDENTITY_ONLY = {"client_cut"}
 DOWN = "down"  # a double failure before a node returns: out of service by design, not judged
 
 
@@ -116,6 +121,8 @@ def clocks(faults: list[dict[str, Any]], events: list[dict[str, Any]],
         touched = [f["target"], partner(f["target"])] + list(f.get("killed", []))
         touched += [partner(n) for n in f.get("killed", [])]
         idents = list(dict.fromkeys(t for t in touched if t))
+        if f["kind"] in OWN_IDENTITY_ONLY:
+            idents = [f["target"]]
 
         planned = frozenset(list(f.get("killed", [])) + [f.get("paused") or f["target"]])
 
@@ -257,4 +264,5 @@ def describe(v: dict[str, Any]) -> str:
 
 
 _STAGE = {"kill": "after a kill", "hang": "after the hang", "giveback": "after a giveback",
-          "double": "after a node came back from the double failure"}
+          "double": "after a node came back from the double failure",
+          "cut": "while its clients hung up mid-request"}

@@ -123,6 +123,8 @@ def _print(obj: dict[str, Any], as_json: bool, human: Any) -> None:
 def _fault_line(rec: dict[str, Any]) -> str:
     what = rec.get("skipped") or rec.get("error") or (
         f"killed {', '.join(rec['killed'])}" if rec.get("killed") else
+        f"clients cut {sum((rec.get('cuts') or {}).values())} ops in {rec.get('held_s')}s"
+        if rec.get("cut") else
         f"paused {rec.get('paused')} {rec.get('held_s', '')}")
     heal = f", healed in {rec['healed_s']:.1f}s" if "healed_s" in rec else ""
     return f"  t+{rec['at']:5.1f}s {rec['kind']:<17} {rec['target']}: {what}{heal}"

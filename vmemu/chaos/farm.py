@@ -123,7 +123,9 @@ def unpack(data: bytes, dest: Path) -> None:
         members = []
         total = 0
         for m in tar:
-            if len(members) >= MAX_MEMBERS or not (m.isfile() or m.isdir()):
+            parts = Path(m.name).parts
+            if len(members) >= MAX_MEMBERS or not (m.isfile() or m.isdir()) or not parts \
+                    or m.name.startswith("/") or ".." in parts:
                 raise ValueError(f"not a run directory: member {m.name!r}")
             total += m.size
             if total > MAX_BACK + (1 << 20):

@@ -29,9 +29,11 @@ KINDS: dict[str, str] = {
     "kill_after_assume": "kill -9 of the taker between identity assumed and its first request",
     "kill_in_giveback": "kill -9 of a guest while its identity is given back to it",
     "kill_in_cp": "kill -9 of a guest while it writes a consistency point",
+    "client_cut": "clients of an identity hang up mid-request for a few seconds, and reconnect",
 }
 DEFAULT_KINDS = ("kill", "pause_short", "pause_long", "kill_in_cp", "kill_in_replay",
-                 "kill_after_assume", "kill_in_giveback", "kill_pair")
+                 "kill_after_assume", "kill_in_giveback", "kill_pair",
+                 "client_cut")
 MAX_FAULTS = 10_000  # a schedule read back from a file is bounded like anything else read
 
 
@@ -88,6 +90,8 @@ def generate(seed: int, duration: float, nodes: int, kinds: tuple[str, ...] = DE
             params["victim"] = rng.choice(("owner", "releaser"))
         elif kind == "pause_long":
             params["hold_s"] = round(rng.uniform(0.5, 2.0), 3)  # beyond the fence
+        elif kind == "client_cut":
+            params["hold_s"] = round(rng.uniform(2.0, 4.0), 3)  # how long clients cut
         faults.append(Fault(round(t, 3), kind, target, params))
         t += gap_s + rng.uniform(0, gap_s / 2)
     return Schedule(seed, duration, nodes, tuple(faults))
