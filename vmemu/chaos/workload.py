@@ -21,7 +21,10 @@ recorded `info` and the client reconnects for its next op, as a careful NBD user
 The `client_cut` fault (`ClientCut`, set by the nemesis) makes clients hang up on purpose in
 the middle of a request: the request sent, then the connection closed before the reply (and,
 for NBD writes, also mid-frame: the header and half the payload, then close). The op is
-recorded `info` and the client goes on, on a new connection, as a new process.
+recorded `info` and the client goes on, on a new connection, as a new process. Half the
+cut block-protocol writes are instead sent again on the new connection by the same client
+with the same ids, as the block client does after a failover: applied once, and recorded
+by their reply.
 """
 
 from __future__ import annotations
@@ -262,7 +265,10 @@ class Client(threading.Thread):
 
     def _cut(self, f: str, offset: int, value: str | None) -> str:
         """Send the request and hang up before its reply (an NBD write: now and then after
-        half its payload); the op's outcome is unknown: `info`."""
+        half its payload); the op's outcome is unknown: `info`. A block-protocol write is
+        now and then sent again instead, as the same client on a new connection, with the
+        same (client, request) ids: the D-module must apply it once, and its reply says
+        how it went."""
         assert self.cut is not None
         try:
             conn = self._connect()
@@ -272,7 +278,10 @@ class Client(threading.Thread):
             if self.kind == "block":
                 args = ({"lun": 0, "offset": offset, "data": data} if f == "write"
                         else {"lun": 0, "offset": offset, "length": BLOCK})
-                conn.submit(f, args)
+                rid = conn.submit(f, args)
+                if f == "write" and self.cut_rng.random() < 0.5:
+                    time.sleep(self.cut_rng.uniform(0, 0.004))
+                    return self._resend_as_same_client(conn, rid, args)
                 how = "block"
             else:
                 args = ({"offset": offset, "data": data} if f == "write"
@@ -288,6 +297,23 @@ class Client(threading.Thread):
             how = "failed_to_send"
         self._hang_up()
         self.cut.note(self.target.identity, how)
+        return "info"
+
+    def _resend_as_same_client(self, old: BlockClient, rid: int, args: dict[str, Any]) -> str:
+        assert self.cut is not None
+        self._hang_up()
+        self._conn = BlockClient(self.target.endpoint, client_id=old.client_id,
+                                 give_up_after=self.mix.op_timeout, first_id=rid + 1)
+        self.cut.note(self.target.identity, "block_resent")
+        try:
+            self._conn.submit("write", args, req_id=rid)
+            end = time.monotonic() + self.mix.op_timeout
+            while time.monotonic() < end:
+                for c in self._conn.poll(0.05):
+                    if c.req_id == rid:
+                        return "ok" if c.ok else "info"
+        except (OSError, VmemuError):
+            self._close()
         return "info"
 
     def _hang_up(self) -> None:
