@@ -54,14 +54,17 @@ RETRYABLE = {"fenced", "unavailable"}
 
 class BlockClient:
     def __init__(self, endpoint: str, ctx: zmq.Context | None = None, client_id: int | None = None,
-                 retry_after: float = 0.5, give_up_after: float = 60.0) -> None:
+                 retry_after: float = 0.5, give_up_after: float = 60.0,
+                 first_id: int = 1) -> None:
+        # `client_id` and `first_id`: the same client on a new connection goes on with its
+        # ids; a request id used again would be taken for a retry, and not applied.
         self.endpoint = endpoint
         self.own_ctx = ctx is None
         self.ctx = ctx or zmq.Context()
         self.client_id = client_id or (secrets.randbits(62) | 1)
         self.retry_after = retry_after
         self.give_up_after = give_up_after
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(first_id)
         self.pending: dict[int, Pending] = {}
         self.retries = 0
         self.reconnects = 0

@@ -147,11 +147,8 @@ class NbdClient:
 
     def submit(self, op: str, args: dict[str, Any], tag: Any = None, req_id: int | None = None) -> int:
         req_id = self.next_id() if req_id is None else req_id
-        if op not in CMD:
-            raise BadRequest(f"nbd client: unsupported op {op!r}")
-        data = args.get("data", b"") if op == "write" else b""
-        length = len(data) if op == "write" else int(args.get("length", 0))
-        frame = _REQ.pack(REQUEST_MAGIC, 0, CMD[op], req_id, int(args.get("offset", 0)), length) + data
+        frame = self.frame(op, args, req_id)
+        length = len(frame) - _REQ.size if op == "write" else int(args.get("length", 0))
         now = time.monotonic()
         self.pending[req_id] = Pending(frame, op, now, now, 1, (tag, length))
         try:
@@ -159,6 +156,28 @@ class NbdClient:
         except OSError:
             self._reconnect()
         return req_id
+
+    def frame(self, op: str, args: dict[str, Any], req_id: int) -> bytes:
+        """A request as it goes on the wire: the header, then a WRITE's payload."""
+        if op not in CMD:
+            raise BadRequest(f"nbd client: unsupported op {op!r}")
+        data = args.get("data", b"") if op == "write" else b""
+        length = len(data) if op == "write" else int(args.get("length", 0))
+        return _REQ.pack(REQUEST_MAGIC, 0, CMD[op], req_id, int(args.get("offset", 0)),
+                         length) + data
+
+    def send_bytes(self, data: bytes) -> None:
+        """Raw bytes on the connection, untracked: part of a frame, to hang up after it."""
+        if self.sock is None:
+            raise OSError(errno.ENOTCONN, "not connected")
+        self._send(data)
+
+    def hang_up(self) -> None:
+        """Close without NBD_CMD_DISC: to the server, a connection lost mid-request."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self.pending.clear()
 
     def poll(self, timeout: float) -> list[Completion]:
         out: list[Completion] = []

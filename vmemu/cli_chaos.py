@@ -44,6 +44,7 @@ RUN_HELP = """Chaos runs: a fresh cluster, concurrent clients, seeded faults, a 
 \b
   vmemu chaos --seed 42 --duration 20s                   one run
   vmemu chaos --runs 1000 --seed 1 --jobs 2 --out runs/  a campaign
+  vmemu chaos --runs 20000 --scheduler tcp://h:8786      a campaign on a dask cluster
   vmemu chaos --replay runs/seed-1234 --out again/       the same schedule again
   vmemu chaos --shrink runs/seed-1234                    a smaller schedule that fails
   vmemu chaos check runs/seed-1234/history.jsonl         the checker alone
@@ -51,7 +52,8 @@ RUN_HELP = """Chaos runs: a fresh cluster, concurrent clients, seeded faults, a 
 \b
 Exit status: 0 every run linearizable and available; 1 a run failed (not linearizable,
 unknown, an identity out of service past its budget, or a fault its cluster did not heal
-from); 3 bad input.
+from); 2 --scheduler cannot be used (dask not installed, scheduler unreachable); 3 bad
+input.
 """
 
 CHECK_HELP = """Check HISTORY (JSON lines, one op event a line) for per-block linearizability.
@@ -91,12 +93,16 @@ def register(cli: click.Group) -> None:
                   "host: 2, 3). Default 1; with --replay or --shrink, the run's own.")
     @click.option("--json", "as_json", is_flag=True, help="Print the result (or the "
                   "campaign summary) as JSON.")
+    @click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                  help="Farm the campaign's runs out to this dask.distributed scheduler "
+                  "(pip install 'vmemu[farm]'; docs/chaos.md).")
     @click.option("--broken", type=click.Choice(["unlogged_ack"]), default=None, hidden=True,
                   help="Run a deliberately broken build (the checker's own test).")
     @click.pass_context
     def chaos(ctx: click.Context, seed: int | None, duration: str, runs: int, jobs: int,
               out: str | None, nodes: int, kinds: str, replay: str | None, shrink: str | None,
-              budget: float, slack: float | None, as_json: bool, broken: str | None) -> None:
+              budget: float, slack: float | None, as_json: bool, scheduler: str | None,
+              broken: str | None) -> None:
         if ctx.invoked_subcommand is not None:
             return
         from vmemu.chaos import cli_run
@@ -104,7 +110,7 @@ def register(cli: click.Group) -> None:
         sys.exit(cli_run.main(seed=seed, duration=duration, runs=runs, jobs=jobs, out=out,
                               nodes=nodes, kinds=kinds, replay=replay, shrink=shrink,
                               budget=budget, slack=slack, as_json=as_json,
-                              broken=broken or ""))
+                              broken=broken or "", scheduler=scheduler))
 
     @chaos.command("check", cls=_Command, help=CHECK_HELP)
     @click.argument("history", type=click.Path(dir_okay=False))

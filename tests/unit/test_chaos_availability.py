@@ -219,3 +219,27 @@ def test_a_partner_declared_failed_while_it_served_is_named_beside_the_fault():
     assert v["unplanned"] == ["node2 declared failed (heartbeat) at t+14.5s"]
     assert av.describe(v).endswith("budget 1s; node2 declared failed (heartbeat) at t+14.5s, "
                                    "not by the schedule")
+
+
+def _cut(at: float, ended: float, target: str = "node1") -> dict[str, Any]:
+    return {"index": 0, "kind": "client_cut", "target": target, "started": at - 0.01,
+            "mono": at, "cut": target, "held_s": ended - at, "ended": ended}
+
+
+def test_clients_cut_mid_request_have_half_a_second_on_their_own_identity_only():
+    """The server never stops serving while clients hang up: a small budget, and the
+    partner's identity, which no node stop touches, gets no clock at all."""
+    ops = steady("node1", 0, 30, [(10.0, 10.3)]) + steady("node2", 0, 30, [(11.0, 11.9)])
+    a = judge(ops, [_cut(10.0, 13.0)])
+    assert a["ok"], a["violations"]
+    assert [(o["identity"], o["what"], o["budget_s"]) for o in a["outages"]] == \
+        [("node1", "cut", 0.5)]
+    assert a["outages"][0]["gap_s"] == pytest.approx(0.3, abs=0.001)
+
+    slow = steady("node1", 0, 30, [(11.0, 11.8)]) + steady("node2", 0, 30)
+    a = judge(slow, [_cut(10.0, 13.0)])
+    assert not a["ok"]
+    (v,) = a["violations"]
+    assert (v["identity"], v["what"], v["budget_s"]) == ("node1", "cut", 0.5)
+    assert v["gap_s"] == pytest.approx(0.8, abs=0.06)
+    assert "while its clients hung up mid-request" in av.describe(v)

@@ -52,6 +52,8 @@ BUDGETS: dict[str, Budget] = {
     "disk": Budget(1.0, False, "a disk failing under a node (I/O errors, torn writes, bit "
                                "flips): RAID serves from the others, then rebuilds"),
     "disk_slow": Budget(2.0, False, "a slow disk under a node: every I/O late, none refused"),
+    "cut": Budget(0.5, False, "clients hanging up mid-request: the server never stops "
+                              "serving, the other clients' ops go on"),
 }
 FIRST_CLOCK: dict[str, str] = {
     "kill": "kill", "kill_in_cp": "kill", "kill_pair": "kill", "kill_in_replay": "kill",
@@ -59,7 +61,10 @@ FIRST_CLOCK: dict[str, str] = {
     "pause_short": "hang", "pause_long": "hang",
     "disk_eio": "disk", "disk_torn": "disk", "disk_bitflip": "disk", "disk_slow": "disk_slow",
     "kill_in_rebuild": "kill",
+    "client_cut": "cut",
 }
+# Faults that touch their target's identity alone (no node stops: the partner's is not moved)
+OWN_IDENTITY_ONLY = {"client_cut"}
 DOWN = "down"  # a double failure before a node returns: out of service by design, not judged
 
 
@@ -121,6 +126,8 @@ def clocks(faults: list[dict[str, Any]], events: list[dict[str, Any]],
         touched = [f["target"], partner(f["target"])] + list(f.get("killed", []))
         touched += [partner(n) for n in f.get("killed", [])]
         idents = list(dict.fromkeys(t for t in touched if t))
+        if f["kind"] in OWN_IDENTITY_ONLY:
+            idents = [f["target"]]
 
         planned = frozenset(list(f.get("killed", [])) + [f.get("paused") or f["target"]])
 
@@ -264,4 +271,5 @@ def describe(v: dict[str, Any]) -> str:
 _STAGE = {"kill": "after a kill", "hang": "after the hang", "giveback": "after a giveback",
           "double": "after a node came back from the double failure",
           "disk": "during the disk fault and its rebuild",
-          "disk_slow": "during the slow disk"}
+          "disk_slow": "during the slow disk",
+          "cut": "while its clients hung up mid-request"}

@@ -49,7 +49,8 @@ def _one(spec_d: dict[str, Any], out: str, sched_path: str | None) -> dict[str, 
         return run(spec, Path(out), sched)
     except Exception as exc:  # noqa: BLE001 - a run that could not even finish is a finding
         return {"seed": spec.seed, "valid": "unknown", "out": out, "ops": {}, "faults": {},
-                "nemesis_error": f"the run failed: {type(exc).__name__}: {exc}"}
+                "nemesis_error": f"the run failed: {type(exc).__name__}: {exc}",
+                "run_error": f"{type(exc).__name__}: {exc}"}
 
 
 def campaign(base: RunSpec, runs: int, out: Path, jobs: int = 1,
@@ -90,7 +91,9 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
             "unavailable": sum(1 for r in results if r.get("availability_ok") is False),
             "nemesis_errors": sum(1 for r in results if r.get("nemesis_error")),
             "faults": dict(sorted(faults.items())), "ops": ops,
-            "failing_seeds": sorted(r["seed"] for r in results if failed(r))}
+            "failing_seeds": sorted(r["seed"] for r in results if failed(r)),
+            # runs that could not be run at all (also counted in unknown and nemesis_errors)
+            "run_errors": sum(1 for r in results if r.get("run_error"))}
 
 
 def load_run(run_dir: Path, slack: float | None = None

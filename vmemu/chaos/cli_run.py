@@ -20,6 +20,7 @@ from vmemu.chaos.schedule import KINDS, ScheduleError
 from vmemu.chaos.workload import Mix
 
 BAD_INPUT = 3
+NO_FARM = 2  # --scheduler given, but dask is not installed or the scheduler not reachable
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 
 
@@ -40,7 +41,7 @@ def _fail(msg: str) -> int:
 
 def main(*, seed: int | None, duration: str, runs: int, jobs: int, out: str | None, nodes: int,
          kinds: str, replay: str | None, shrink: str | None, budget: float, as_json: bool,
-         broken: str, slack: float | None = None) -> int:
+         broken: str, slack: float | None = None, scheduler: str | None = None) -> int:
     console = Console(stderr=as_json)
     try:
         dur = parse_duration(duration)
@@ -51,6 +52,20 @@ def main(*, seed: int | None, duration: str, runs: int, jobs: int, out: str | No
     if unknown or not kind_list:
         return _fail(f"unknown fault kind {', '.join(unknown) or '(none given)'}; "
                      f"known: {', '.join(KINDS)}")
+    farm: Any = None
+    if scheduler is not None:
+        if replay or shrink:
+            return _fail("--scheduler farms out a campaign's runs, not --replay or --shrink")
+        from vmemu.chaos import farm  # dask only when asked for
+
+        try:
+            farm.check_address(scheduler)
+            farm.require()
+        except ValueError as exc:
+            return _fail(str(exc))
+        except farm.FarmUnavailable as exc:
+            click.echo(f"vmemu: {exc}", err=True)
+            return NO_FARM
     try:
         if shrink:
             res = camp.shrink(Path(shrink), progress=lambda m: console.print(f"  {m}"),
@@ -70,7 +85,7 @@ def main(*, seed: int | None, duration: str, runs: int, jobs: int, out: str | No
     spec = RunSpec(seed=seed, duration=dur, nodes=nodes, kinds=kind_list, budget_s=budget,
                    broken=broken, mix=Mix(), availability_slack=slack or 1.0)
     base = Path(out) if out else Path("chaos-runs")
-    if runs == 1:
+    if runs == 1 and farm is None:
         res = run(spec, base / f"seed-{seed}", progress=lambda r: console.print(_fault_line(r)))
         _print(res, as_json, lambda: _run_lines(console, res))
         return 1 if failed(res) else 0
@@ -85,7 +100,15 @@ def main(*, seed: int | None, duration: str, runs: int, jobs: int, out: str | No
             bad += failed(r)
             bar.update(task, advance=1, bad=bad)
 
-        summary = camp.campaign(spec, runs, base, jobs, tick)
+        if farm is None:
+            summary = camp.campaign(spec, runs, base, jobs, tick)
+        else:
+            try:
+                summary = farm.farm_campaign(spec, runs, base, str(scheduler), tick)
+            except farm.FarmUnavailable as exc:  # the scheduler went away, or never was
+                bar.stop()
+                click.echo(f"vmemu: {exc}", err=True)
+                return NO_FARM
     _print(summary, as_json, lambda: _summary_lines(console, summary, base))
     return 1 if summary["failing_seeds"] else 0
 
@@ -100,6 +123,8 @@ def _print(obj: dict[str, Any], as_json: bool, human: Any) -> None:
 def _fault_line(rec: dict[str, Any]) -> str:
     what = rec.get("skipped") or rec.get("error") or (
         f"killed {', '.join(rec['killed'])}" if rec.get("killed") else
+        f"clients cut {sum((rec.get('cuts') or {}).values())} ops in {rec.get('held_s')}s"
+        if rec.get("cut") else
         f"paused {rec.get('paused')} {rec.get('held_s', '')}" if rec.get("paused") else
         _disk_line(rec))
     heal = f", healed in {rec['healed_s']:.1f}s" if "healed_s" in rec else ""

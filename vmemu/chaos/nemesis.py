@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from vmemu.chaos.nemesis_disk import DISK_KINDS, DiskFaults
 from vmemu.chaos.schedule import Fault
+from vmemu.chaos.workload import ClientCut
 from vmemu.cluster import Cluster, Status
 from vmemu.config import partner_of
 from vmemu.errors import VmemuError
@@ -64,7 +65,7 @@ class EventTail:
 
 class Nemesis(DiskFaults):
     def __init__(self, cluster: Cluster, detection_s: float, record: Callable[[dict], None],
-                 alive: Callable[[], bool]) -> None:
+                 alive: Callable[[], bool], cut: ClientCut | None = None) -> None:
         self.c = cluster
         self.detection_s = detection_s
         self.record = record
@@ -77,6 +78,7 @@ class Nemesis(DiskFaults):
         self.kills: list[tuple[str, float]] = []
         self.topology = cluster.control.config.topology
         self.want_scrub: list[str] = []  # nodes the healing scrubs after the last fault
+        self.cut = cut  # the clients' switch for client_cut (they are threads of this process)
 
     # -- what the cluster looks like -------------------------------------------------------
     def status(self) -> Status:
@@ -241,6 +243,21 @@ class Nemesis(DiskFaults):
         killed = [f.target] + ([victim] if self._crash_if_alive(victim) else [])
         return {"killed": killed, "mono": t, "trigger": ev["kind"],
                 "late_ms": round((time.monotonic() - float(ev["mono"])) * 1000, 1)}
+
+    def _client_cut(self, f: Fault, pid: int) -> dict[str, Any]:
+        """The target identity's clients hang up mid-request for `hold_s`; the cluster is
+        left alone. What was cut, and how, is counted by the clients."""
+        if self.cut is None:
+            return {"skipped": "no clients to cut"}
+        hold = float(f.params.get("hold_s", 3.0))
+        t = time.monotonic()
+        self.cut.begin(f.target, t + hold)
+        try:
+            while self.alive() and time.monotonic() < t + hold:
+                time.sleep(0.02)  # the fault itself is a length of time
+        finally:
+            cuts = self.cut.end(f.target)
+        return {"cut": f.target, "mono": t, "held_s": round(hold, 3), "cuts": cuts}
 
     # -- healing ---------------------------------------------------------------------------
     def heal(self, gone: list[str] = (), timeout: float = BOOT_S + 60) -> dict[str, Any]:

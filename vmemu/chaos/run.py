@@ -29,7 +29,7 @@ from typing import Any, Callable
 from vmemu.chaos import availability, schedule as sched_mod
 from vmemu.chaos.nemesis import BOOT_S, Nemesis
 from vmemu.chaos.schedule import DEFAULT_KINDS, Schedule
-from vmemu.chaos.workload import Client, History, Mix, Target, final_reads
+from vmemu.chaos.workload import Client, ClientCut, History, Mix, Target, final_reads
 from vmemu.cluster import Cluster
 from vmemu.config import ClusterConfig, nbd_uri, partner_of
 from vmemu.hypervisor.events import read_events
@@ -92,6 +92,7 @@ def run(spec: RunSpec, out: Path, schedule: Schedule | None = None,
     stop_clients = threading.Event()
     ending = threading.Event()
     clients: list[Client] = []
+    cut = ClientCut()  # client_cut: the nemesis tells the client threads to hang up
     nemesis_error: list[str] = []
     t_start = time.monotonic()
     cluster = Cluster(nodes=sched.nodes, data_dir=out / "cluster",
@@ -115,11 +116,11 @@ def run(spec: RunSpec, out: Path, schedule: Schedule | None = None,
             kinds = ["block"] * spec.block_clients + ["nbd"] * spec.nbd_clients
             for j, kind in enumerate(kinds):
                 clients.append(Client(kind, t, spec.mix, history, spec.seed * 1000 + i * 50 + j,
-                                      stop_clients))
+                                      stop_clients, cut))
         t0 = time.monotonic()
         for c in clients:
             c.start()
-        nem = Nemesis(cluster, spec.detection_s, log, lambda: not ending.is_set())
+        nem = Nemesis(cluster, spec.detection_s, log, lambda: not ending.is_set(), cut)
 
         def faults() -> None:
             for i, f in enumerate(sched.faults):

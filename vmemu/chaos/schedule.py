@@ -35,9 +35,11 @@ KINDS: dict[str, str] = {
     "disk_torn": "a disk of one identity tears its writes (a sector prefix, then EIO)",
     "disk_bitflip": "bits flipped straight into allocated data blocks of a disk image",
     "kill_in_rebuild": "a disk failed and replaced, and kill -9 of the guest as it rebuilds",
+    "client_cut": "clients of an identity hang up mid-request for a few seconds, and reconnect",
 }
 DEFAULT_KINDS = ("kill", "pause_short", "pause_long", "kill_in_cp", "kill_in_replay",
-                 "kill_after_assume", "kill_in_giveback", "kill_pair")
+                 "kill_after_assume", "kill_in_giveback", "kill_pair",
+                 "client_cut")
 DISK_KINDS = ("disk_eio", "disk_slow", "disk_torn", "disk_bitflip", "kill_in_rebuild")
 MAX_FAULTS = 10_000  # a schedule read back from a file is bounded like anything else read
 
@@ -117,6 +119,8 @@ def generate(seed: int, duration: float, nodes: int, kinds: tuple[str, ...] = DE
             params["hold_s"] = round(rng.uniform(0.5, 2.0), 3)  # beyond the fence
         elif kind in DISK_PARAMS:
             params.update(DISK_PARAMS[kind](rng))
+        elif kind == "client_cut":
+            params["hold_s"] = round(rng.uniform(2.0, 4.0), 3)  # how long clients cut
         faults.append(Fault(round(t, 3), kind, target, params))
         t += gap_s + rng.uniform(0, gap_s / 2)
     return Schedule(seed, duration, nodes, tuple(faults))

@@ -17,6 +17,14 @@ a takeover carries the same (client, request) ids and is applied once) and NBD
 applied twice, after another client's write in between, which no single-register history
 explains. So the NBD client here never resends: a request cut by a lost connection is
 recorded `info` and the client reconnects for its next op, as a careful NBD user would.
+
+The `client_cut` fault (`ClientCut`, set by the nemesis) makes clients hang up on purpose in
+the middle of a request: the request sent, then the connection closed before the reply (and,
+for NBD writes, also mid-frame: the header and half the payload, then close). The op is
+recorded `info` and the client goes on, on a new connection, as a new process. Half the
+cut block-protocol writes are instead sent again on the new connection by the same client
+with the same ids, as the block client does after a failover: applied once, and recorded
+by their reply.
 """
 
 from __future__ import annotations
@@ -99,6 +107,40 @@ class _NbdOnce(NbdClient):
         raise ConnectionResetError("the NBD connection was lost")
 
 
+CUT_SHARE = 0.5  # of a cutting client's ops: the others complete, so the identity answers
+CUT_SEED = 0x5C07  # the cut draws come from a stream of their own: the ops stay the seed's
+
+
+class ClientCut:
+    """The `client_cut` switch the nemesis sets and the clients read: per identity, until when
+    its clients hang up mid-request. A deadline rather than an on/off flag, so a switch the
+    nemesis never turns off (the run ending under it) still ends. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._until: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self.counts: dict[str, dict[str, int]] = {}
+
+    def begin(self, identity: str, until: float) -> None:
+        with self._lock:
+            self._until[identity] = until
+            self.counts[identity] = {}
+
+    def end(self, identity: str) -> dict[str, int]:
+        """Stop cutting; how many ops were cut, by how."""
+        with self._lock:
+            self._until.pop(identity, None)
+            return dict(self.counts.get(identity, {}))
+
+    def active(self, identity: str) -> bool:
+        return time.monotonic() < self._until.get(identity, 0.0)
+
+    def note(self, identity: str, how: str) -> None:
+        with self._lock:
+            c = self.counts.setdefault(identity, {})
+            c[how] = c.get(how, 0) + 1
+
+
 @dataclass
 class Mix:
     hot: int = 4  # blocks every client hammers: where operations really overlap
@@ -112,7 +154,7 @@ class Client(threading.Thread):
     """One client thread against one identity; `kind` is "block" or "nbd"."""
 
     def __init__(self, kind: str, target: Target, mix: Mix, history: History, seed: int,
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, cut: ClientCut | None = None) -> None:
         super().__init__(name=f"chaos-{kind}-{target.identity}", daemon=True)
         self.kind, self.target, self.mix, self.h, self.stop = kind, target, mix, history, stop
         self.rng = random.Random(seed)
@@ -121,6 +163,8 @@ class Client(threading.Thread):
         self.counts = {"ok": 0, "fail": 0, "info": 0}
         self.touched: set[int] = set()
         self._conn: Any = None
+        self.cut = cut
+        self.cut_rng = random.Random(seed ^ CUT_SEED)
 
     def block_name(self, index: int) -> str:
         return f"{self.target.identity}/lun0/{index * BLOCK}"
@@ -147,7 +191,11 @@ class Client(threading.Thread):
     def _op(self, f: str, index: int, value: str | None) -> None:
         block = self.block_name(index)
         self.h.add(self.process, "invoke", f, block, value)
-        outcome, got = self._do(f, index * BLOCK, value)
+        if self.cut is not None and self.cut.active(self.target.identity) \
+                and self.cut_rng.random() < CUT_SHARE:
+            outcome, got = self._cut(f, index * BLOCK, value), None
+        else:
+            outcome, got = self._do(f, index * BLOCK, value)
         self.h.add(self.process, outcome, f, block, got if f == "read" else value)
         self.counts[outcome] += 1
         if outcome == "info":  # the op stays open for good: go on as a new process
@@ -214,6 +262,72 @@ class Client(threading.Thread):
                 return "ok", (value if f == "write" else decode_value(c.result))
         self._close()
         return ("info" if f == "write" else "fail"), None
+
+    def _cut(self, f: str, offset: int, value: str | None) -> str:
+        """Send the request and hang up before its reply (an NBD write: now and then after
+        half its payload); the op's outcome is unknown: `info`. A block-protocol write is
+        now and then sent again instead, as the same client on a new connection, with the
+        same (client, request) ids: the D-module must apply it once, and its reply says
+        how it went."""
+        assert self.cut is not None
+        try:
+            conn = self._connect()
+            if conn is None:
+                return "info"
+            data = encode_value(value or "") if f == "write" else b""
+            if self.kind == "block":
+                args = ({"lun": 0, "offset": offset, "data": data} if f == "write"
+                        else {"lun": 0, "offset": offset, "length": BLOCK})
+                rid = conn.submit(f, args)
+                if f == "write" and self.cut_rng.random() < 0.5:
+                    time.sleep(self.cut_rng.uniform(0, 0.004))
+                    return self._resend_as_same_client(conn, rid, args)
+                how = "block"
+            else:
+                args = ({"offset": offset, "data": data} if f == "write"
+                        else {"offset": offset, "length": BLOCK})
+                frame = conn.frame(f, args, conn.next_id())
+                half = f == "write" and self.cut_rng.random() < 0.5
+                conn.send_bytes(frame[:len(frame) - len(data) // 2] if half else frame)
+                how = "nbd_half_frame" if half else "nbd"
+            # A moment for the request to reach the server, or not: cut before it arrived,
+            # while it is served, or with its reply on the way.
+            time.sleep(self.cut_rng.uniform(0, 0.004))
+        except (OSError, VmemuError):
+            how = "failed_to_send"
+        self._hang_up()
+        self.cut.note(self.target.identity, how)
+        return "info"
+
+    def _resend_as_same_client(self, old: BlockClient, rid: int, args: dict[str, Any]) -> str:
+        assert self.cut is not None
+        self._hang_up()
+        self._conn = BlockClient(self.target.endpoint, client_id=old.client_id,
+                                 give_up_after=self.mix.op_timeout, first_id=rid + 1)
+        self.cut.note(self.target.identity, "block_resent")
+        try:
+            self._conn.submit("write", args, req_id=rid)
+            end = time.monotonic() + self.mix.op_timeout
+            while time.monotonic() < end:
+                for c in self._conn.poll(0.05):
+                    if c.req_id == rid:
+                        return "ok" if c.ok else "info"
+        except (OSError, VmemuError):
+            self._close()
+        return "info"
+
+    def _hang_up(self) -> None:
+        """Close without a goodbye: no NBD_CMD_DISC, nothing flushed or drained."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if self.kind == "nbd":
+                conn.hang_up()
+            else:
+                conn.close()  # LINGER 0: an unsent request is dropped, a reply never read
+        except (OSError, VmemuError):
+            pass
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
