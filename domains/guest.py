@@ -24,6 +24,7 @@ from typing import Any, Callable
 import zmq
 
 from domains import mediator
+from domains.bus_tap import GuestFaults
 from domains.dmodule import DModule
 from domains.failover_monitor import FailoverMonitor
 from domains.mirror import MirrorReceiver, MirrorSender
@@ -66,7 +67,8 @@ class Guest:
         self.ctx = zmq.Context()
         self.rundir = datadir.run_dir(info)
         self.uplink = RpcClient(self.ctx, info["control"], timeout=10.0)
-        self.control = RpcServer(self.ctx, self.rundir.guest(node))
+        # dedup: a request of Domain 0's duplicated on the bus is done once (vmemu/bus/rpc.py)
+        self.control = RpcServer(self.ctx, self.rundir.guest(node), dedup=True)
         self.fd_name = self.rundir.broker()
         self.stop = False
         self.token = ""  # given by the fd broker when our region is registered
@@ -99,6 +101,7 @@ class Guest:
         self.nbd = self._nbd_server()
         self.monitor = FailoverMonitor(node, self.cfg.heartbeat_ms / 1000.0, self.ctx,
                                        info["control"], self._stats)
+        self.bus = GuestFaults(node, self.uplink, self.control, self.monitor, self._event)
         self.next_cp = time.monotonic() + self.cfg.cp_interval_s
         self.stalled_until = 0.0
 
@@ -253,7 +256,7 @@ class Guest:
                 "storage": {str(i): d.storage_summary(i) for i in d.served},
                 "cp": d.last_cp_info or None, "cp_stalls": d.cp_stalls,
                 "cp_failing": d.cp_failing, "cp_failures": d.cp_failures,
-                "nbd": self.nbd.summary()}
+                "nbd": self.nbd.summary(), "bus": self.bus.view()}
 
     # -- hypervisor requests -----------------------------------------------------------------
     def _control(self, req: codec.Request) -> Any:
@@ -262,10 +265,15 @@ class Guest:
         if req.op == "release":
             ident = codec.arg(req, "identity", int)
             if ident not in self.dmodule.served:
-                raise InvalidState(f"node{self.node} does not serve node{ident}")
+                # Released already: Domain 0 asks again when the answer to its first request
+                # was lost (or never came), and only a holder it believes in is asked. Its
+                # disks got everything at that release's CP.
+                return {"cp_ms": None, "already_released": True}
             self.nmodule.unbind(ident)
             self.nbd.unbind(ident)
             return {"cp_ms": self.dmodule.release_identity(ident)["ms"]}
+        if req.op == "bus_fault":
+            return self.bus.request(req)
         if req.op == "map":
             self._on_grant(codec.arg(req, "region", int), codec.arg(req, "owner", int))
             return {}
@@ -412,9 +420,10 @@ class Guest:
                 poller.register(s, zmq.POLLIN)
             for fd, events in self.nbd.poll_fds().items():
                 poller.register(fd, events)
-            timeout = max(0.0, min(now + 0.1, self.next_cp) - now)
+            timeout = max(0.0, min(now + 0.1, self.next_cp, self.bus.next_due() or now + 0.1) - now)
             ready = dict(poller.poll(0 if self.nbd.busy() or self.bg_busy else int(timeout * 1000) + 1))
-            if self.control.sock in ready:
+            self.bus.tick(time.monotonic())
+            if self.control.sock in ready or self.control.pending():
                 self._drain_control()
             for s, ident in ident_socks.items():
                 if s in ready:
@@ -453,7 +462,7 @@ class Guest:
         """Answer queued control requests, at most `budget` a turn (the rest wait a turn:
         a flood slows its sender down, never the loop that serves clients)."""
         for _ in range(budget):
-            if not self.control.sock.poll(0):
+            if not self.control.pending() and not self.control.sock.poll(0):
                 return
             inc = self.control.recv()
             if inc is None:
