@@ -49,12 +49,21 @@ BUDGETS: dict[str, Budget] = {
     "giveback": Budget(1.0, False, "the identity given back to its restarted owner"),
     "double": Budget(1.0, False, "both nodes of a pair down: from when the node that then "
                                  "serves it registered again"),
+    "unheard": Budget(1.0, True, "a live node whose heartbeats are lost: fenced at the "
+                                 "detection time and taken over"),
+    "bus": Budget(1.0, False, "messages between Domain 0 and a guest dropped, delayed, "
+                              "duplicated or reordered: client I/O does not cross that bus, "
+                              "so nothing may stall for long"),
 }
 FIRST_CLOCK: dict[str, str] = {
     "kill": "kill", "kill_in_cp": "kill", "kill_pair": "kill", "kill_in_replay": "kill",
     "kill_after_assume": "kill", "kill_in_giveback": "kill",
     "pause_short": "hang", "pause_long": "hang",
+    "heartbeat_loss": "unheard", "bus_drop": "bus", "bus_delay": "bus", "bus_dup": "bus",
+    "bus_reorder": "bus",
 }
+# Faults whose target is fenced by Domain 0, not killed by the nemesis.
+FENCED_NOT_KILLED = ("pause_long", "heartbeat_loss")
 DOWN = "down"  # a double failure before a node returns: out of service by design, not judged
 
 
@@ -75,7 +84,7 @@ def _kills(f: dict[str, Any], events: list[dict[str, Any]]) -> list[tuple[str, f
     without them (an older run) is read from the crash requests in the cluster's events."""
     if "kills" in f:
         return [(str(n), float(t)) for n, t in f["kills"]]
-    if not f.get("killed") or f["kind"] == "pause_long":  # that one is killed by its fencing
+    if not f.get("killed") or f["kind"] in FENCED_NOT_KILLED:  # killed by its fencing
         return []
     lo, hi = float(f.get("started", f["mono"])), float(f["ended"])
     found = [(str(e["node"]), float(e["mono"])) for e in events
@@ -257,4 +266,5 @@ def describe(v: dict[str, Any]) -> str:
 
 
 _STAGE = {"kill": "after a kill", "hang": "after the hang", "giveback": "after a giveback",
-          "double": "after a node came back from the double failure"}
+          "double": "after a node came back from the double failure",
+          "unheard": "after its heartbeats were lost", "bus": "during the bus fault"}

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from vmemu.chaos.nemesis_bus import BusNemesis
 from vmemu.chaos.schedule import Fault
 from vmemu.cluster import Cluster, Status
 from vmemu.config import partner_of
@@ -61,7 +62,7 @@ class EventTail:
         return out
 
 
-class Nemesis:
+class Nemesis(BusNemesis):
     def __init__(self, cluster: Cluster, detection_s: float, record: Callable[[dict], None],
                  alive: Callable[[], bool]) -> None:
         self.c = cluster
