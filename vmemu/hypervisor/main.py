@@ -865,7 +865,8 @@ class Hypervisor:
                 "nvram": dict(self.broker.view(), **self.nvram_reports.view()),
                 "bus_faults": dict(self.bus.view(now), guests={
                     f"node{n}": st["bus"] for n, st in self.stats.items()
-                    if st and self.coord.alive(n) and (st.get("bus") or {}).get("faults")}),
+                    if st and self.coord.alive(n) and ((st.get("bus") or {}).get("faults")
+                                                       or (st.get("bus") or {}).get("repeats_refused"))}),
                 "refused": dict(self.broker.refused, forged_reports=self.forged,
                                 bad_frames=self.control.bad_frames,
                                 repeated_requests=self.control.duplicates)}
