@@ -72,6 +72,7 @@ class Guest:
         self.fd_name = self.rundir.broker()
         self.stop = False
         self.token = ""  # given by the fd broker when our region is registered
+        self.report_seq = 0
         self.region_fd, self.region, self.region_id = self._allocate_region()
         self.peers: dict[int, RpcClient] = {}
         self.mirror_rx: MirrorReceiver | None = None
@@ -227,8 +228,10 @@ class Guest:
 
     # -- reporting ---------------------------------------------------------------------------
     def _event(self, kind: str, fields: dict[str, Any], mono: float | None = None) -> None:
+        # seq: a report the bus delivers twice is taken once by Domain 0
+        self.report_seq += 1
         self.uplink.notify("event", {"node": self.node, "token": self.token, "kind": kind,
-                                     "fields": fields,
+                                     "fields": fields, "seq": self.report_seq,
                                      "mono": time.monotonic() if mono is None else mono})
 
     def _emit_cp(self, kind: str, info: dict[str, Any], t0: float) -> None:

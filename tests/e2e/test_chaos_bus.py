@@ -154,6 +154,9 @@ def test_a_takeover_through_a_bus_that_doubles_and_delays_every_message_happens_
                     .get("repeats_refused", 0) >= 1, 20, "node2 to refuse a repeated request")
     [rule] = st.raw["bus_faults"]["dom0"]
     assert rule["rule"] == res["rule"]["rule"] and rule["duplicated"] > 0 and rule["delayed"] > 0
+    with BlockClient(c.endpoint("node1")) as cl:  # its first request: the takeover's end
+        cl.write(0, 0, b"x" * 4096)
+        assert cl.read(0, 0, 4096) == b"x" * 4096
     evs = events_when(c, lambda es: any(e["kind"] == "takeover_complete" for e in es
                                         if e["mono"] > t0))
     evs = [e for e in evs if e["mono"] > t0]
@@ -161,12 +164,56 @@ def test_a_takeover_through_a_bus_that_doubles_and_delays_every_message_happens_
             and e.get("identity") == "node1"] == ["node2"]
     assert not [e for e in evs if e["kind"] in ("assign_failed", "internal_error",
                                                 "assign_unanswered", "stale_reply")]
-    with BlockClient(c.endpoint("node1")) as cl:
-        cl.write(0, 0, b"x" * 4096)
-        assert cl.read(0, 0, 4096) == b"x" * 4096
+    # node2's reports (its first request served, here) came twice too: each taken once
+    assert [e["node"] for e in evs if e["kind"] == "first_request_served"
+            and e.get("identity") == "node1"] == ["node2"]
+    c.wait_for(lambda st: st.raw["refused"]["repeated_reports"] >= 1, 10,
+               "the second copy of a report to be refused")
     cleared = c.control.call("bus_fault", {"node": "node2", "clear": True})["cleared"]
     assert [r["rule"] for r in cleared] == [rule["rule"]]
     assert c.status().raw["bus_faults"]["dom0"] == []
+
+
+def test_a_guest_whose_assign_reply_is_lost_is_fenced_and_its_acknowledged_writes_replayed(
+        make_cluster):
+    """Regression (found by reasoning about a lost reply; seen with the fix taken out):
+    node2 takes node1's identity over, serves it and acknowledges writes into its own NVRAM,
+    but its answer to the assign never reaches Domain 0. Domain 0 once took the timeout for
+    a failed assign: it assigned the identity to node1 as well once node1 was back, with a
+    chain that left out node2's region, while node2 still served it. Only the identity's
+    endpoint, which one process at a time can bind, kept two servers apart (node1 hung
+    trying, and was fenced as stalled), and the identity never settled; had node2 died, the
+    writes it acknowledged were in no chain. An unanswered assign now fences its node at
+    once, which puts its region in the identity's chain before anyone else is assigned it."""
+    c = make_cluster(2, move_timeout_s=3.0, cp_interval_s=120.0)  # no CP saves the writes
+    region2 = c.status().node("node2")["region"]
+    c.control.call("bus_fault", {"node": "node2", "direction": "to_dom0", "ops": ["assign"],
+                                 "drop": 1.0, "duration_s": 120})
+    t0 = time.monotonic()
+    c.crash("node1")
+    acked = []
+    with BlockClient(c.endpoint("node1"), give_up_after=60.0) as w:
+        for i in range(20):  # answered by node2, which Domain 0 does not know serves node1
+            data = f"lost-reply-{i}".encode().ljust(4096, b".")
+            w.write(0, i * 4096, data)
+            acked.append(data)
+    evs = events_when(c, lambda es: any(e["kind"] == "fenced" and e["node"] == "node2"
+                                        and e["mono"] > t0 for e in es), timeout=30)
+    evs = [e for e in evs if e["mono"] > t0]
+    unanswered = first(evs, "assign_unanswered", node="node2", identity="node1")
+    fenced = first(evs, "fenced", node="node2")
+    assert first(evs, "failure_detected", node="node2")["reason"] == "assign_unanswered"
+    assert unanswered["mono"] - t0 >= 3.0 - 0.1 and fenced["mono"] >= unanswered["mono"]
+    c.wait_for(lambda st: st.node("node1")["state"] == "down", 30, "node1 to be down")
+    c.restart("node1")
+    c.wait_for(lambda st: st.node("node1")["identity_served_by"] == "node1", 240,
+               "node1 to serve its identity again")
+    assign = first([e for e in c.events() if e["mono"] > fenced["mono"]], "assign",
+                   node="node1", identity="node1")
+    assert region2 in assign["chain"]  # the fenced node's region is replayed
+    with BlockClient(c.endpoint("node1")) as r:
+        for i, data in enumerate(acked):
+            assert r.read(0, i * 4096, 4096) == data, f"acknowledged write {i} lost"
 
 
 def test_a_chaos_run_of_dropped_and_duplicated_messages_is_judged_valid_and_can_fail(tmp_path):

@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,6 +48,7 @@ from vmemu.privfs import lossy_stdio, set_umask
 from vmemu.throttle import Throttle
 
 CONTROL_PER_TURN = 256  # control requests answered per loop turn
+REPORTS_REMEMBERED = 4096  # guest reports' (token, seq) kept to refuse a repeat
 RELEASE_ATTEMPTS = 3  # a release that got no answer is asked again, this many times in all
 # Reports only a guest sends; each must carry its incarnation's token (fdbroker).
 GUEST_OPS = ("heartbeat", "event", "grants", "mirror_state")
@@ -107,6 +109,10 @@ class Hypervisor:
                               self.coord, self.events.emit) if cfg.ha_mode != "none" else None)
         self.throttle = Throttle()
         self.forged = 0  # guest reports without the sender's token (dropped)
+        # (token, seq) of the guests' recent reports: a report the bus delivered twice is
+        # logged and acted on once (a notification has no request id to refuse it by)
+        self.reports_seen: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self.repeated_reports = 0
         self.next_metrics = 0.0
 
     # -- boot --------------------------------------------------------------------------------
@@ -449,7 +455,7 @@ class Hypervisor:
             done(None, InvalidState(f"node{act.node} is not running"))
             return
         g.call("assign", {"identity": act.identity, "chain": chain, "epoch": epoch,
-                          "reason": act.reason}, 60.0, done)
+                          "reason": act.reason}, self.cfg.move_timeout_s, done)
 
     def _record_assign(self, act: fo.Assign, res: dict) -> None:
         if res.get("luns") is not None:
@@ -513,7 +519,7 @@ class Hypervisor:
         if g is None:
             done(None, InvalidState(f"node{act.node} is not running"))
             return
-        g.call("release", {"identity": act.identity}, 60.0, done)
+        g.call("release", {"identity": act.identity}, self.cfg.move_timeout_s, done)
 
     # -- control requests --------------------------------------------------------------------
     def _drain_control(self, budget: int = CONTROL_PER_TURN) -> None:
@@ -764,7 +770,22 @@ class Hypervisor:
                     ("lun_delete", {"volume": vol, "name": name}))
         return None
 
+    def _repeated_report(self, req: codec.Request) -> bool:
+        seq = req.args.get("seq")
+        if type(seq) is not int:
+            return False  # numbered or not, a report is taken (the token proved its sender)
+        key = (str(req.args.get("token")), seq)
+        if key in self.reports_seen:
+            self.repeated_reports += 1
+            return True
+        self.reports_seen[key] = None
+        if len(self.reports_seen) > REPORTS_REMEMBERED:
+            self.reports_seen.popitem(last=False)
+        return False
+
     def _guest_event(self, req: codec.Request) -> None:
+        if self._repeated_report(req):
+            return None
         node = self._node_arg(req)
         kind = codec.arg(req, "kind", str)
         fields = codec.arg(req, "fields", dict, {})
@@ -869,7 +890,8 @@ class Hypervisor:
                                                        or (st.get("bus") or {}).get("repeats_refused"))}),
                 "refused": dict(self.broker.refused, forged_reports=self.forged,
                                 bad_frames=self.control.bad_frames,
-                                repeated_requests=self.control.duplicates)}
+                                repeated_requests=self.control.duplicates,
+                                repeated_reports=self.repeated_reports)}
 
     def _takeover_view(self, identity: int) -> dict | None:
         t = self.takeovers.get(identity)
