@@ -216,6 +216,33 @@ def test_a_guest_whose_assign_reply_is_lost_is_fenced_and_its_acknowledged_write
             assert r.read(0, i * 4096, 4096) == data, f"acknowledged write {i} lost"
 
 
+def test_a_giveback_whose_release_reply_is_lost_is_asked_again_and_completes(make_cluster):
+    """node2 gives node1's identity back, but its answer to the release is lost: Domain 0
+    asks again once its wait is over, and node2, which released it already, says so
+    (before, it answered that it did not serve the identity: the giveback failed for good,
+    and Domain 0 went on believing node2 served an identity nobody served)."""
+    c = make_cluster(2, move_timeout_s=2.0)
+    c.crash("node1")
+    c.wait_for(lambda st: st.node("node1")["identity_served_by"] == "node2", 60,
+               "node2 to take node1 over")
+    c.restart("node1")
+    c.wait_for(lambda st: st.node("node1")["state"] == "up", 240, "node1 to boot again")
+    c.control.call("bus_fault", {"node": "node2", "direction": "to_dom0", "ops": ["release"],
+                                 "drop": 1.0, "duration_s": 1.5})
+    t0 = time.monotonic()
+    c.giveback("node1")
+    c.wait_for(lambda st: st.node("node1")["identity_served_by"] == "node1", 60,
+               "node1 to serve its identity again")
+    evs = [e for e in c.events() if e["mono"] > t0]
+    again = first(evs, "release_unanswered", node="node2", identity="node1")
+    released = first(evs, "released", node="node2", identity="node1")
+    assert again["attempt"] == 1 and released["mono"] > again["mono"]
+    assert not [e for e in evs if e["kind"] == "giveback_failed"]
+    with BlockClient(c.endpoint("node1")) as cl:
+        cl.write(0, 0, b"y" * 4096)
+        assert cl.read(0, 0, 4096) == b"y" * 4096
+
+
 def test_a_chaos_run_of_dropped_and_duplicated_messages_is_judged_valid_and_can_fail(tmp_path):
     """A real chaos run: a share of node1's control messages dropped (Domain 0's side), then
     node2's all doubled (node2's own side), while clients read and write and the nemesis asks
