@@ -181,8 +181,8 @@ def test_a_guest_whose_assign_reply_is_lost_is_fenced_and_its_acknowledged_write
     but its answer to the assign never reaches Domain 0. Domain 0 once took the timeout for
     a failed assign: it assigned the identity to node1 as well once node1 was back, with a
     chain that left out node2's region, while node2 still served it. Only the identity's
-    endpoint, which one process at a time can bind, kept two servers apart (node1 hung
-    trying, and was fenced as stalled), and the identity never settled; had node2 died, the
+    lock, which one process at a time can hold, kept two servers apart (node1 waited for it
+    until it was fenced as stalled), and the identity never settled; had node2 died, the
     writes it acknowledged were in no chain. An unanswered assign now fences its node at
     once, which puts its region in the identity's chain before anyone else is assigned it."""
     c = make_cluster(2, move_timeout_s=3.0, cp_interval_s=120.0)  # no CP saves the writes
