@@ -266,7 +266,7 @@ class Guest:
         if req.op == "assign":
             return self._assign(req)
         if req.op == "release":
-            ident = codec.arg(req, "identity", int)
+            ident = codec.int_arg(req, "identity", 1, self.cfg.nodes)
             if ident not in self.dmodule.served:
                 # Released already: Domain 0 asks again when the answer to its first request
                 # was lost (or never came), and only a holder it believes in is asked. Its
