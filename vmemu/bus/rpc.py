@@ -134,7 +134,9 @@ class RpcServer:
             node = self.tap_node(msg)
             if node is not None:
                 return self._admit(inc, node)
-        return inc if self._fresh(inc) else None
+        if self._seen is not None and not self._fresh(inc):
+            return None
+        return inc
 
     def _admit(self, inc: Incoming, node: int) -> Incoming | None:
         req = inc.request
@@ -161,24 +163,29 @@ class RpcServer:
             self._seen.popitem(last=False)
         return True
 
-    def _send(self, peer: bytes, req_id: int, frame: bytes) -> None:
-        if self.tap is not None:
-            key = self._reply_to.pop((peer, req_id), None)
-            if key is not None:
-                out = TO_GUEST if self.tap_in == TO_DOM0 else TO_DOM0
-                for _, item in self.tap.admit(out, key[0], key[1], ("out", [peer, frame]),
-                                              time.monotonic()):
-                    self.sock.send_multipart(item)
-                return
-        self.sock.send_multipart([peer, frame])
+    def _send_tapped(self, peer: bytes, req_id: int, frame: bytes) -> None:
+        key = self._reply_to.pop((peer, req_id), None)
+        if key is None:  # not a guest's request: never faulted
+            self.sock.send_multipart([peer, frame])
+            return
+        out = TO_GUEST if self.tap_in == TO_DOM0 else TO_DOM0
+        for _, item in self.tap.admit(out, key[0], key[1], ("out", [peer, frame]),  # type: ignore[union-attr]
+                                      time.monotonic()):
+            self.sock.send_multipart(item)
 
     def reply(self, peer: bytes, req_id: int, result: Any) -> None:
         if req_id:
-            self._send(peer, req_id, codec.encode_result(req_id, result))
+            if self.tap is None:
+                self.sock.send_multipart([peer, codec.encode_result(req_id, result)])
+            else:
+                self._send_tapped(peer, req_id, codec.encode_result(req_id, result))
 
     def reply_error(self, peer: bytes, req_id: int, err: VmemuError) -> None:
         if req_id:
-            self._send(peer, req_id, codec.encode_error(req_id, err))
+            if self.tap is None:
+                self.sock.send_multipart([peer, codec.encode_error(req_id, err)])
+            else:
+                self._send_tapped(peer, req_id, codec.encode_error(req_id, err))
 
     def close(self) -> None:
         self.sock.close(0)
@@ -310,7 +317,9 @@ class AsyncRpcClient:
     def on_readable(self) -> None:
         for msg in ready_replies(self.sock):
             if self.tap is None:
-                self._dispatch(msg)
+                entry = self._pending.pop(msg.id, None)
+                if entry is not None:  # else: the call already timed out
+                    entry[2](msg.result, None if msg.ok else from_wire(msg.error or {}))
             else:
                 entry = self._pending.get(msg.id)
                 for _, m in self.tap.admit(TO_DOM0, self.tap_node, entry[1] if entry else "",
