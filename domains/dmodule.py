@@ -480,6 +480,8 @@ class DModule:
                 "written": job.result["written"], "ms": round((self.last_cp - job.t0) * 1000, 3),
                 "seq": job.last_seq, "region": self.region_id,
                 "identities": sorted(s.identity for s, _, _ in job.frozen),
+                # which time each was served: Domain 0 ignores a late report of an earlier one
+                "epochs": sorted([s.identity, s.epoch] for s, _, _ in job.frozen),
                 "stalls": self.cp_stalls, "background": job.background}
         self.last_cp_info = info
         # A write-through CP is reported only when it also made replayed regions durable:

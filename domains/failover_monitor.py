@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import zmq
 
+from vmemu.bus.faults import Rules, Tap
 from vmemu.bus.rpc import RpcClient
 
 
@@ -38,6 +39,7 @@ class FailoverMonitor:
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-node{node}", daemon=True)
         self._last_stats: dict[str, Any] = {}
         self.token = ""  # this incarnation's, from the fd broker: proves the beats are ours
+        self.bus_rules: Rules | None = None  # bus faults (domains/bus_tap.py), set by the guest
 
     def start(self) -> None:
         self._thread.start()
@@ -56,12 +58,21 @@ class FailoverMonitor:
     def _run(self) -> None:
         uplink = RpcClient(self.ctx, self.endpoint)
         pid = os.getpid()
+        next_beat = time.monotonic()
         try:
             while not self._stop.is_set():
-                uplink.notify("heartbeat", {"node": self.node, "pid": pid, "token": self.token,
-                                            "stats": self._snapshot()})
-                self.sent += 1
-                self._stop.wait(self.interval)
+                now = time.monotonic()
+                if self.bus_rules is not None and uplink.tap is None:
+                    uplink.tap, uplink.tap_node = Tap(self.bus_rules), self.node
+                if now >= next_beat:
+                    uplink.notify("heartbeat", {"node": self.node, "pid": pid,
+                                                "token": self.token, "stats": self._snapshot()})
+                    self.sent += 1
+                    next_beat = now + self.interval
+                uplink.flush(now)  # beats a bus fault holds (none unless one was set)
+                due = uplink.next_due()
+                self._stop.wait(max(0.0, min(next_beat, due if due is not None else next_beat)
+                                    - time.monotonic()))
         finally:
             uplink.close()
 

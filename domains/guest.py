@@ -24,6 +24,7 @@ from typing import Any, Callable
 import zmq
 
 from domains import mediator
+from domains.bus_tap import GuestFaults
 from domains.dmodule import DModule
 from domains.failover_monitor import FailoverMonitor
 from domains.mirror import MirrorReceiver, MirrorSender
@@ -67,10 +68,12 @@ class Guest:
         self.ctx = zmq.Context()
         self.rundir = datadir.run_dir(info)
         self.uplink = RpcClient(self.ctx, info["control"], timeout=10.0)
-        self.control = RpcServer(self.ctx, self.rundir.guest(node))
+        # dedup: a request of Domain 0's duplicated on the bus is done once (vmemu/bus/rpc.py)
+        self.control = RpcServer(self.ctx, self.rundir.guest(node), dedup=True)
         self.fd_name = self.rundir.broker()
         self.stop = False
         self.token = ""  # given by the fd broker when our region is registered
+        self.report_seq = 0
         self.region_fd, self.region, self.region_id = self._allocate_region()
         self.peers: dict[int, RpcClient] = {}
         self.mirror_rx: MirrorReceiver | None = None
@@ -101,6 +104,7 @@ class Guest:
         self.nbd = self._nbd_server()
         self.monitor = FailoverMonitor(node, self.cfg.heartbeat_ms / 1000.0, self.ctx,
                                        info["control"], self._stats)
+        self.bus = GuestFaults(node, self.uplink, self.control, self.monitor, self._event)
         self.next_cp = time.monotonic() + self.cfg.cp_interval_s
         self.stalled_until = 0.0
         # A giveback's release waiting for its pre-giveback CP: (identity, peer, request id).
@@ -225,8 +229,10 @@ class Guest:
 
     # -- reporting ---------------------------------------------------------------------------
     def _event(self, kind: str, fields: dict[str, Any], mono: float | None = None) -> None:
+        # seq: a report the bus delivers twice is taken once by Domain 0
+        self.report_seq += 1
         self.uplink.notify("event", {"node": self.node, "token": self.token, "kind": kind,
-                                     "fields": fields,
+                                     "fields": fields, "seq": self.report_seq,
                                      "mono": time.monotonic() if mono is None else mono})
 
     def _emit_cp(self, kind: str, info: dict[str, Any], t0: float) -> None:
@@ -255,7 +261,8 @@ class Guest:
                 "cp": d.last_cp_info or None, "cp_stalls": d.cp_stalls,
                 "cp_stall_ms": round(d.cp_stall_ms, 3),
                 "cp_failing": d.cp_failing, "cp_failures": d.cp_failures,
-                "nbd": self.nbd.summary(), "disk_faults": fault_io.TABLE.summary(time.monotonic()),
+                "nbd": self.nbd.summary(), "bus": self.bus.view(),
+                "disk_faults": fault_io.TABLE.summary(time.monotonic()),
                 "mirror": self.mirror_tx.stats() if self.mirror_tx is not None else None}
 
     # -- hypervisor requests -----------------------------------------------------------------
@@ -263,11 +270,16 @@ class Guest:
         if req.op == "assign":
             return self._assign(req)
         if req.op == "release":
-            ident = codec.arg(req, "identity", int)
+            ident = codec.int_arg(req, "identity", 1, self.cfg.nodes)
             if ident not in self.dmodule.served:
-                raise InvalidState(f"node{self.node} does not serve node{ident}")
+                # Released already: Domain 0 asks again when the answer to its first request
+                # was lost (or never came), and only a holder it believes in is asked. Its
+                # disks got everything at that release's CP.
+                return {"cp_ms": None, "already_released": True}
             if self.releasing is not None:
-                raise InvalidState(f"node{self.node} is already giving node{self.releasing[0]} back")
+                if self.releasing[0] != ident:
+                    raise InvalidState(f"node{self.node} is already giving node{self.releasing[0]} back")
+                return DEFERRED  # asked again (the first answer was lost): answer this one
             # Two CPs, as a filer's giveback does: the first while still serving (it carries
             # almost all the dirty data, however long it takes), the second after the unbind
             # (only what came in during the first), so clients wait for the short one only.
@@ -275,6 +287,8 @@ class Guest:
             if not d.cp_running() and d.cp_needed() and time.monotonic() >= d.cp_retry_at:
                 d.start_cp("pre_giveback")
             return DEFERRED
+        if req.op == "bus_fault":
+            return self.bus.request(req)
         if req.op == "map":
             self._on_grant(codec.arg(req, "region", int), codec.arg(req, "owner", int))
             return {}
@@ -429,7 +443,7 @@ class Guest:
                 poller.register(s, zmq.POLLIN)
             for fd, events in self.nbd.poll_fds().items():
                 poller.register(fd, events)
-            wake = min(now + 0.1, self.next_cp)
+            wake = min(now + 0.1, self.next_cp, self.bus.next_due() or now + 0.1)
             busy = self.nbd.busy() or self.bg_busy
             if mirror is not None:
                 for s in mirror.sockets():
@@ -439,10 +453,11 @@ class Guest:
                 busy = busy or mirror.busy()
             timeout = max(0.0, wake - now)
             ready = dict(poller.poll(0 if busy else int(timeout * 1000) + 1))
+            self.bus.tick(time.monotonic())
             if mirror is not None:  # the partner's answers first: they release held replies
                 mirror.on_ready(time.monotonic())
                 self._release_gated()
-            if self.control.sock in ready:
+            if self.control.sock in ready or self.control.pending():
                 self._drain_control()
             for s, ident in ident_socks.items():
                 if s in ready:
@@ -492,7 +507,7 @@ class Guest:
         """Answer queued control requests, at most `budget` a turn (the rest wait a turn:
         a flood slows its sender down, never the loop that serves clients)."""
         for _ in range(budget):
-            if not self.control.sock.poll(0):
+            if not self.control.pending() and not self.control.sock.poll(0):
                 return
             inc = self.control.recv()
             if inc is None:

@@ -35,6 +35,10 @@ class ClusterConfig:
     giveback_delay_s: float = 2.0  # negative: manual giveback only
     cp_interval_s: float = 10.0
     stall_limit_s: float = 10.0  # a main loop silent this long is a failure, heartbeats or not
+    # A guest told to take (assign) or give back (release) an identity that does not answer
+    # in this long: an assign fences it (it may serve the identity already), a release is
+    # asked again (vmemu/hypervisor/main.py).
+    move_timeout_s: float = 60.0
     ha_mode: str = "shm"  # shm: the patent; mirror: copy every record to the partner; none: no NVRAM
     nvram_placement: str = "own"  # own: each guest allocates its region; mediator: a third domain does
     nbd_addr_base: str = "127.0.10.0"  # node N serves NBD on base + N (127.0.10.N)
@@ -84,6 +88,8 @@ class ClusterConfig:
             raise BadRequest("disk size must be between 1 MiB and 1 TiB")
         if self.stall_limit_s <= 0:
             raise BadRequest("stall limit must be positive")
+        if not 1.0 <= self.move_timeout_s <= 3600.0:
+            raise BadRequest("the identity move timeout must be between 1 and 3600 s")
         if self.cp_interval_s <= 0:
             raise BadRequest("CP interval must be positive")
         if not 0 <= self.mirror_resync_mb_s <= 1 << 20:

@@ -142,19 +142,24 @@ def poison_values() -> list[Any]:
 HV_OPS = {"heartbeat": ["node", "pid", "token", "stats"], "event": ["node", "kind", "token"],
           "grants": ["node", "token"], "mirror_state": ["node", "region", "token"],
           "crash": ["node", "hang"], "restart": ["node"], "giveback": ["node"],
-          "probe": ["node", "what", "region", "seconds"], "manage": ["what", "node", "volume"]}
+          "probe": ["node", "what", "region", "seconds"], "manage": ["what", "node", "volume"],
+          "bus_fault": ["node", "side", "clear", "direction", "drop", "delay_ms", "reorder",
+                        "ops", "duration_s", "seed"]}
 GUEST_OPS = {"assign": ["identity", "epoch", "reason", "chain"], "release": ["identity"],
              "map": ["region", "owner"], "mirror_request": ["region"],
              "probe_write": ["region"], "stall": ["seconds"],
              "manage": ["what", "identity", "name", "size", "volume", "disk"],
              "rdb_apply": ["entries"], "rdb_propose": ["op", "args"],
-             "rdb_query": ["what", "volume"], "rdb_rebuild": ["snapshot"]}
+             "rdb_query": ["what", "volume"], "rdb_rebuild": ["snapshot"],
+             "bus_fault": ["node", "clear", "direction", "dup", "jitter_ms", "reorder_ms",
+                           "skip_ops", "duration_s", "seed"]}
 BLOCK_OPS = {"write": ["lun", "offset", "data", "client", "request", "path"],
              "read": ["lun", "offset", "length", "path"], "flush": ["lun", "path"]}
 
 
 # The few poison values that are in fact valid for a field (a stall of 1.5 s is one).
-VALID = {("stall", "seconds"): (1.5,)}
+VALID = {("stall", "seconds"): (1.5,),
+         ("bus_fault", "clear"): (True,)}  # clears every rule: there are none
 
 
 def frames_for(ops: dict[str, list[str]], id0: int) -> list[tuple[int, bytes]]:

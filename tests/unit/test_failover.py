@@ -735,3 +735,31 @@ def test_an_assign_that_keeps_failing_is_retried_later_and_later_then_resets() -
     assert sum(1 for g in gaps if g < RETRY_MAX_S) < 10  # not once a second forever
     c.handle(AssignDone(1, 1, 0x11, True), now)
     assert c.assign_backoff(1, now) is None and c.identities[1].served_by == 1
+
+
+def test_a_late_cp_report_of_an_earlier_time_serving_the_identity_keeps_the_chain() -> None:
+    """Regression (bus faults: a report delayed on the bus): node2 took identity 1 over and
+    made a CP of it, whose report was held up; it gave identity 1 back, node1 wrote it into
+    its new region and died, and node2 took it over again. The late report named node2's
+    current region and an identity node2 serves again, so it once cut the chain to node2's
+    region and freed node1's: writes node1 acknowledged, never replayed. The epoch the CP
+    wrote the identity at tells an old report from a current one."""
+    cl = Cluster(2, "pairs", delay=-1)
+    r = cl.boot()
+    cl.ev(Failed(1, "exit"))
+    cl.ev(AssignDone(2, 1, r[2], True, epoch=5))
+    late = CpDone(2, (1,), r[2], ((1, 5),))  # made now, read much later
+    r1, _ = cl.start(1)
+    cl.ev(GivebackRequested(1))
+    assert Assign(1, 1, (r[2],), "giveback") in cl.ev(ReleaseDone(2, 1, True))
+    cl.ev(AssignDone(1, 1, r1, True, epoch=6))
+    assert Assign(2, 1, (r[2], r1), "takeover") in cl.ev(Failed(1, "exit"))
+    cl.ev(AssignDone(2, 1, r[2], True, epoch=7))
+    assert cl.chain(1) == [r1, r[2]]
+    acts = cl.ev(late)
+    assert cl.chain(1) == [r1, r[2]] and not of(FreeRegion, acts)
+    assert logs(acts, "stale_report") == [Log("stale_report", 2, {"what": "cp_done",
+                                                                  "identities": [1]})]
+    # a report of the current time serving it shortens the chain as before
+    assert cl.ev(CpDone(2, (1,), r[2], ((1, 7),))) == [FreeRegion(r1)]
+    assert cl.chain(1) == [r[2]]

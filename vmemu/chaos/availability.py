@@ -54,6 +54,11 @@ BUDGETS: dict[str, Budget] = {
     "disk_slow": Budget(2.0, False, "a slow disk under a node: every I/O late, none refused"),
     "cut": Budget(0.5, False, "clients hanging up mid-request: the server never stops "
                               "serving, the other clients' ops go on"),
+    "unheard": Budget(1.0, True, "a live node whose heartbeats are lost: fenced at the "
+                                 "detection time and taken over"),
+    "bus": Budget(1.0, False, "messages between Domain 0 and a guest dropped, delayed, "
+                              "duplicated or reordered: client I/O does not cross that bus, "
+                              "so nothing may stall for long"),
 }
 FIRST_CLOCK: dict[str, str] = {
     "kill": "kill", "kill_in_cp": "kill", "kill_pair": "kill", "kill_in_replay": "kill",
@@ -62,9 +67,13 @@ FIRST_CLOCK: dict[str, str] = {
     "disk_eio": "disk", "disk_torn": "disk", "disk_bitflip": "disk", "disk_slow": "disk_slow",
     "kill_in_rebuild": "kill",
     "client_cut": "cut",
+    "heartbeat_loss": "unheard", "bus_drop": "bus", "bus_delay": "bus", "bus_dup": "bus",
+    "bus_reorder": "bus",
 }
 # Faults that touch their target's identity alone (no node stops: the partner's is not moved)
 OWN_IDENTITY_ONLY = {"client_cut"}
+# Faults whose target is fenced by Domain 0, not killed by the nemesis.
+FENCED_NOT_KILLED = ("pause_long", "heartbeat_loss")
 DOWN = "down"  # a double failure before a node returns: out of service by design, not judged
 
 
@@ -85,7 +94,7 @@ def _kills(f: dict[str, Any], events: list[dict[str, Any]]) -> list[tuple[str, f
     without them (an older run) is read from the crash requests in the cluster's events."""
     if "kills" in f:
         return [(str(n), float(t)) for n, t in f["kills"]]
-    if not f.get("killed") or f["kind"] == "pause_long":  # that one is killed by its fencing
+    if not f.get("killed") or f["kind"] in FENCED_NOT_KILLED:  # killed by its fencing
         return []
     lo, hi = float(f.get("started", f["mono"])), float(f["ended"])
     found = [(str(e["node"]), float(e["mono"])) for e in events
@@ -272,4 +281,5 @@ _STAGE = {"kill": "after a kill", "hang": "after the hang", "giveback": "after a
           "double": "after a node came back from the double failure",
           "disk": "during the disk fault and its rebuild",
           "disk_slow": "during the slow disk",
-          "cut": "while its clients hung up mid-request"}
+          "cut": "while its clients hung up mid-request",
+          "unheard": "after its heartbeats were lost", "bus": "during the bus fault"}

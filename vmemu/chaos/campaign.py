@@ -90,6 +90,8 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
             # linearizable or not, out of service past a budget (a run may be both)
             "unavailable": sum(1 for r in results if r.get("availability_ok") is False),
             "nemesis_errors": sum(1 for r in results if r.get("nemesis_error")),
+            # an identity moved before its live old owner was fenced (fencing.py)
+            "split_brain": sum(1 for r in results if r.get("fencing_violations")),
             "faults": dict(sorted(faults.items())), "ops": ops,
             "failing_seeds": sorted(r["seed"] for r in results if failed(r)),
             # runs that could not be run at all (also counted in unknown and nemesis_errors)

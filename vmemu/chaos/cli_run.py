@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from vmemu.chaos import campaign as camp
+from vmemu.chaos import campaign as camp, fencing
 from vmemu.chaos.availability import describe
 from vmemu.chaos.run import RunSpec, failed, run
 from vmemu.chaos.schedule import KINDS, ScheduleError
@@ -121,7 +121,7 @@ def _print(obj: dict[str, Any], as_json: bool, human: Any) -> None:
 
 
 def _fault_line(rec: dict[str, Any]) -> str:
-    what = rec.get("skipped") or rec.get("error") or (
+    what = rec.get("skipped") or rec.get("error") or _bus_text(rec) or (
         f"killed {', '.join(rec['killed'])}" if rec.get("killed") else
         f"clients cut {sum((rec.get('cuts') or {}).values())} ops in {rec.get('held_s')}s"
         if rec.get("cut") else
@@ -142,6 +142,18 @@ def _disk_line(rec: dict[str, Any]) -> str:
     return out + (f", replaced {', '.join(replaced)}" if replaced else "")
 
 
+def _bus_text(rec: dict[str, Any]) -> str:
+    if rec.get("unheard"):
+        return (f"heartbeats lost ({rec['side']} side), fenced after "
+                f"{rec.get('fenced_ms', 0):.0f} ms")
+    if rec.get("bus"):
+        c = {k: n for k, n in (rec.get("counts") or {}).items() if n and k != "matched"}
+        return (f"bus rule ({rec['side']} side): {(rec.get('counts') or {}).get('matched', 0)}"
+                f" messages, {c or 'none touched'}; {rec.get('answered', 0)}/"
+                f"{rec.get('pokes', 0)} CPs answered")
+    return ""
+
+
 def _run_lines(console: Console, r: dict[str, Any]) -> None:
     ops = r.get("ops") or {}
     verdict = {True: "[green]linearizable[/]", False: "[red]NOT linearizable[/]",
@@ -158,6 +170,8 @@ def _run_lines(console: Console, r: dict[str, Any]) -> None:
                       f"{a['unexplained_s']:.1f}s not)")
     for v in r.get("availability_violations") or []:
         console.print(f"  [red]unavailable[/] {describe(v)}")
+    for v in r.get("fencing_violations") or []:
+        console.print(f"  [red]split brain[/] {fencing.describe(v)}")
     if r.get("nemesis_error"):
         console.print(f"  [red]fault or healing failed[/]: {r['nemesis_error']}")
     if r["valid"] is not True:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vmemu.chaos.nemesis_disk import DISK_KINDS, DiskFaults
+from vmemu.chaos.nemesis_bus import BusNemesis
 from vmemu.chaos.schedule import Fault
 from vmemu.chaos.workload import ClientCut
 from vmemu.cluster import Cluster, Status
@@ -63,7 +64,7 @@ class EventTail:
         return out
 
 
-class Nemesis(DiskFaults):
+class Nemesis(BusNemesis, DiskFaults):
     def __init__(self, cluster: Cluster, detection_s: float, record: Callable[[dict], None],
                  alive: Callable[[], bool], cut: ClientCut | None = None) -> None:
         self.c = cluster

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from vmemu.chaos import availability, schedule as sched_mod
+from vmemu.chaos import availability, fencing, schedule as sched_mod
 from vmemu.chaos.nemesis import BOOT_S, Nemesis
 from vmemu.chaos.schedule import DEFAULT_KINDS, Schedule
 from vmemu.chaos.workload import Client, ClientCut, History, Mix, Target, final_reads
@@ -187,9 +187,10 @@ def _conclude(spec: RunSpec, sched: Schedule, out: Path, history: History, t0: f
                             budget=spec.budget_s).to_json()
     (out / "verdict.json").write_text(json.dumps(verdict, indent=1) + "\n")
     applied = [json.loads(line) for line in (out / "faults.jsonl").read_text().splitlines()]
-    avail = availability.judge(history.ops, applied, read_events(out / "events.jsonl"), t0,
-                               t_end, spec.detection_s, _partners(spec, sched.nodes),
-                               spec.availability_slack)
+    events = read_events(out / "events.jsonl")
+    avail = availability.judge(history.ops, applied, events, t0, t_end, spec.detection_s,
+                               _partners(spec, sched.nodes), spec.availability_slack)
+    split = fencing.judge(history.ops, applied, events)
     by_kind: dict[str, int] = {}
     for a in applied:
         if "skipped" not in a:
@@ -201,6 +202,7 @@ def _conclude(spec: RunSpec, sched: Schedule, out: Path, history: History, t0: f
               "anomalies": len(verdict.get("anomalies", [])),
               "availability_ok": avail["ok"], "availability_violations": avail["violations"],
               "availability": avail["identities"], "outages": avail["outages"],
+              "fencing_ok": not split, "fencing_violations": split,
               "clients_mono": [t0, t_end],
               "healed_at_end_s": healed.get("healed_s"), "broken": spec.broken or None,
               "seconds": round(time.monotonic() - t_start, 1), "out": str(out),
@@ -226,7 +228,9 @@ def _partners(spec: RunSpec, nodes: int) -> Callable[[str], str | None]:
 
 def failed(result: dict[str, Any]) -> bool:
     """A run fails when its history is not linearizable, its verdict is unknown, a fault
-    could not be done or healed (a cluster that does not come back is a finding too), or an
-    identity was out of service past its budget (availability.py)."""
+    could not be done or healed (a cluster that does not come back is a finding too), an
+    identity was out of service past its budget (availability.py), or a node declared
+    failed while alive was not fenced before its identity moved (fencing.py)."""
     return (result["valid"] is not True or bool(result.get("nemesis_error"))
-            or result.get("availability_ok") is False)
+            or result.get("availability_ok") is False
+            or bool(result.get("fencing_violations")))

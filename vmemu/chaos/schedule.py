@@ -36,11 +36,20 @@ KINDS: dict[str, str] = {
     "disk_bitflip": "bits flipped straight into allocated data blocks of a disk image",
     "kill_in_rebuild": "a disk failed and replaced, and kill -9 of the guest as it rebuilds",
     "client_cut": "clients of an identity hang up mid-request for a few seconds, and reconnect",
+    "bus_drop": "a share of a guest's reports and Domain 0's requests and replies dropped "
+                "for a few seconds (heartbeats spared)",
+    "bus_delay": "every message between Domain 0 and a guest delayed (well under detection)",
+    "bus_dup": "messages between Domain 0 and a guest delivered twice",
+    "bus_reorder": "messages between Domain 0 and a guest shuffled in small windows",
+    "heartbeat_loss": "every heartbeat of a live guest lost: fenced, then taken over",
 }
 DEFAULT_KINDS = ("kill", "pause_short", "pause_long", "kill_in_cp", "kill_in_replay",
                  "kill_after_assume", "kill_in_giveback", "kill_pair",
                  "client_cut")
 DISK_KINDS = ("disk_eio", "disk_slow", "disk_torn", "disk_bitflip", "kill_in_rebuild")
+# Faults on the bus between Domain 0 and a guest (vmemu/bus/faults.py). Not among the
+# defaults: a default campaign's seeds keep drawing the schedules they always drew.
+BUS_KINDS = ("bus_drop", "bus_delay", "bus_dup", "bus_reorder", "heartbeat_loss")
 MAX_FAULTS = 10_000  # a schedule read back from a file is bounded like anything else read
 
 
@@ -121,9 +130,30 @@ def generate(seed: int, duration: float, nodes: int, kinds: tuple[str, ...] = DE
             params.update(DISK_PARAMS[kind](rng))
         elif kind == "client_cut":
             params["hold_s"] = round(rng.uniform(2.0, 4.0), 3)  # how long clients cut
+        elif kind in BUS_KINDS:
+            params.update(bus_params(kind, rng))
         faults.append(Fault(round(t, 3), kind, target, params))
         t += gap_s + rng.uniform(0, gap_s / 2)
     return Schedule(seed, duration, nodes, tuple(faults))
+
+
+def bus_params(kind: str, rng: random.Random) -> dict[str, Any]:
+    """A bus fault's draw: on which side it is done (Domain 0's sockets, or the guest's),
+    the rule's seed, how long it holds (heartbeat_loss: until the fence), and its strength.
+    Delays are fractions of the detection time (the nemesis scales them): a bus that is
+    slow, not dead, must not get a node fenced."""
+    p: dict[str, Any] = {"side": rng.choice(("dom0", "guest")), "seed": rng.randrange(2**31)}
+    if kind != "heartbeat_loss":
+        p["hold_s"] = round(rng.uniform(2.0, 4.0), 3)
+    if kind == "bus_drop":
+        p["drop"] = round(rng.uniform(0.2, 0.6), 3)
+    elif kind == "bus_delay":
+        p["delay"] = round(rng.uniform(0.1, 0.3), 3)  # x detection, +- half of it
+    elif kind == "bus_dup":
+        p["dup"] = round(rng.uniform(0.5, 1.0), 3)
+    elif kind == "bus_reorder":
+        p["window"] = rng.randint(2, 8)
+    return p
 
 
 def load(path: Path) -> Schedule:

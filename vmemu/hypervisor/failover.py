@@ -79,6 +79,7 @@ class AssignDone:
     region: int
     ok: bool
     error: str = ""
+    epoch: int = 0  # the disks' epoch the node serves the identity at (Domain 0 stamped it)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,9 @@ class CpDone:
     node: int
     identities: tuple[int, ...]
     region: int
+    # (identity, epoch) the CP wrote each identity at. A report that comes late (a delayed
+    # bus) may be of an earlier time the node served the identity: its epoch tells.
+    epochs: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,7 @@ class Identity:
     transit: tuple[str, int] | None = None  # ("assign" | "release", node)
     chain: list[int] = field(default_factory=list)
     last_server: int | None = None
+    epoch: int = 0  # of the assign that made served_by serve it
 
 
 class Coordinator:
@@ -273,6 +278,7 @@ class Coordinator:
         self.assign_failures.pop(ev.identity, None)
         ident.served_by = ev.node
         ident.last_server = ev.node
+        ident.epoch = ev.epoch
         _newest_last(ident.chain, ev.region)
         if ev.identity == ev.node:
             self.state[ev.node] = SERVING
@@ -306,11 +312,22 @@ class Coordinator:
     def _on_CpDone(self, ev: CpDone, now: float) -> list[Action]:
         if self.region.get(ev.node) != ev.region:
             return []
+        epochs = dict(ev.epochs) if ev.epochs is not None else None
+        stale = []
         for i in ev.identities:
             ident = self.identities.get(i)
-            if ident is not None and ident.served_by == ev.node:
-                ident.chain[:] = [ev.region]
-        return self._free()
+            if ident is None or ident.served_by != ev.node:
+                continue
+            if epochs is not None and epochs.get(i) != ident.epoch:
+                # A CP of an earlier time this node served the identity, reported late: the
+                # chain has gained regions since (another server's, dead before its own CP)
+                # whose records that CP never saw. Shortening the chain would drop them.
+                stale.append(i)
+                continue
+            ident.chain[:] = [ev.region]
+        acts: list[Action] = [Log("stale_report", ev.node, {"what": "cp_done", "identities": stale})] \
+            if stale else []
+        return acts + self._free()
 
     def _on_GivebackRequested(self, ev: GivebackRequested, now: float) -> list[Action]:
         ident = self.identities[ev.node]

@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,7 +34,7 @@ from vmemu import tls
 from vmemu.config import ClusterConfig, nbd_address, node_index, partner_of
 from vmemu.errors import (BadRequest, CorruptDisk, InvalidState, NoSpace, NotGranted,
                           Unavailable, UnknownLun, UnknownNode, VmemuError)
-from vmemu.hypervisor import failover as fo
+from vmemu.hypervisor import bus_faults, failover as fo
 from vmemu.hypervisor.destage import Destage, Keeper
 from vmemu.hypervisor.events import EventLog, LineFile
 from vmemu.hypervisor.rdb_driver import RdbDriver
@@ -47,6 +48,8 @@ from vmemu.privfs import lossy_stdio, set_umask
 from vmemu.throttle import Throttle
 
 CONTROL_PER_TURN = 256  # control requests answered per loop turn
+REPORTS_REMEMBERED = 4096  # guest reports' (token, seq) kept to refuse a repeat
+RELEASE_ATTEMPTS = 3  # a release that got no answer is asked again, this many times in all
 # Reports only a guest sends; each must carry its incarnation's token (fdbroker).
 GUEST_OPS = ("heartbeat", "event", "grants", "mirror_state")
 
@@ -68,7 +71,8 @@ class Hypervisor:
         self.coord = fo.Coordinator(cfg.nodes, cfg.topology, cfg.giveback_delay_s)
         self.monitor = HeartbeatMonitor(cfg.heartbeat_ms / 1000.0, cfg.heartbeat_misses)
         self.sup = Supervisor(data_dir, datadir.logs_dir(data_dir))
-        self.control = RpcServer(self.ctx, self.rundir.control())
+        # dedup: a guest's call duplicated on the bus is answered once (vmemu/bus/rpc.py)
+        self.control = RpcServer(self.ctx, self.rundir.control(), dedup=True)
         # --nvram-placement mediator: a third domain allocates every region (domains/mediator.py).
         self.mediator = (MediatorLink(self.sup, self.events.emit, lambda: self.coord.shutting_down)
                          if cfg.nvram_placement == "mediator" else None)
@@ -81,6 +85,9 @@ class Hypervisor:
             data_dir, lambda r: self.broker.held[r].fd if r in self.broker.held else None,
             self.events.emit)
         self.guests: dict[int, AsyncRpcClient] = {}
+        # Bus faults for the chaos campaign (none unless asked for: `bus_fault`).
+        self.bus = bus_faults.BusFaults(cfg.nodes, self.control, self.guests, GUEST_OPS,
+                                        self.events.emit)
         self.lun_lists: dict[int, list] = {}  # identity -> [[index, name, size]] from its assign
         self.loop_fds: list[int] = []
         # The replicated management database: replicas in the guests, ordered by the driver.
@@ -102,6 +109,10 @@ class Hypervisor:
                               self.coord, self.events.emit) if cfg.ha_mode != "none" else None)
         self.throttle = Throttle()
         self.forged = 0  # guest reports without the sender's token (dropped)
+        # (token, seq) of the guests' recent reports: a report the bus delivered twice is
+        # logged and acted on once (a notification has no request id to refuse it by)
+        self.reports_seen: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self.repeated_reports = 0
         self.next_metrics = 0.0
 
     # -- boot --------------------------------------------------------------------------------
@@ -145,6 +156,7 @@ class Hypervisor:
         if old:
             old.close()
         self.guests[node] = AsyncRpcClient(self.ctx, self.rundir.guest(node))
+        self.bus.attach(node, self.guests[node])
         self.stats[node] = {}
         self.events.emit("domain_started", node, pid=child.pid)
 
@@ -244,7 +256,7 @@ class Hypervisor:
             for fd in pidfds:
                 if fd in ready:
                     self._child_exited(pidfds[fd].node)
-            if self.control.sock in ready:
+            if self.control.sock in ready or self.control.pending():
                 self._drain_control()
             if self.broker.fileno() in ready:
                 self.broker.on_readable()
@@ -261,6 +273,7 @@ class Hypervisor:
                 self.stop_requested = True
             self.monitor.own_turn(now - last_turn, tick)
             last_turn = now
+            self.bus.tick(now)
             self._check_heartbeats(now)
             self._apply(self.coord.handle(fo.Tick(), now))
             self.nvram_reports.poll()
@@ -355,6 +368,7 @@ class Hypervisor:
         if g is not None:
             g.fail_all(InvalidState(f"node{node} was fenced"))
             g.close()
+        self.bus.fenced(node)
         # Only what this node served: stamping a live server's identity would fence *it*.
         epochs: dict[str, int | str] = {}
         for i in self._served_at_fail.pop(node, []):
@@ -421,19 +435,30 @@ class Hypervisor:
 
         def done(res: Any, err: VmemuError | None) -> None:
             if err is not None:
+                if err.code == "timeout" and self.coord.alive(act.node) \
+                        and self.coord.identities[act.identity].transit == ("assign", act.node):
+                    # No answer (lost on the bus, or the node is stuck): it may serve the
+                    # identity already -- it binds before it replies -- and acknowledge
+                    # writes into its own region. Nobody can know, so it is fenced: that
+                    # puts its region in the identity's chain (failover.py, _on_Failed)
+                    # before anyone else is assigned it. Never two servers, never a lost ack.
+                    self.events.emit("assign_unanswered", act.node,
+                                     identity=f"node{act.identity}", error=err.message)
+                    self._fail(act.node, "assign_unanswered")
                 self._apply(self.coord.handle(
                     fo.AssignDone(act.node, act.identity, 0, False, err.message), time.monotonic()))
                 return
             self._record_assign(act, res)
             self._apply(self.coord.handle(
-                fo.AssignDone(act.node, act.identity, int(res["region"]), True), time.monotonic()))
+                fo.AssignDone(act.node, act.identity, int(res["region"]), True, epoch=epoch),
+                time.monotonic()))
 
         g = self.guests.get(act.node)
         if g is None:
             done(None, InvalidState(f"node{act.node} is not running"))
             return
         g.call("assign", {"identity": act.identity, "chain": chain, "epoch": epoch,
-                          "reason": act.reason}, 60.0, done)
+                          "reason": act.reason}, self.cfg.move_timeout_s, done)
 
     def _record_assign(self, act: fo.Assign, res: dict) -> None:
         if res.get("luns") is not None:
@@ -473,8 +498,19 @@ class Hypervisor:
         self.events.emit("takeover_complete", t["server"], identity=f"node{identity}",
                          failed=t["failed"], stages_ms=t["stages"])
 
-    def _release(self, act: fo.Release) -> None:
+    def _release(self, act: fo.Release, attempt: int = 1) -> None:
         def done(res: Any, err: VmemuError | None) -> None:
+            if err is not None and err.code == "timeout" and attempt < RELEASE_ATTEMPTS \
+                    and self.coord.alive(act.node) \
+                    and self.coord.identities[act.identity].transit == ("release", act.node):
+                # No answer: released or not, nobody knows. Asking again settles it, since a
+                # node asked to release what it no longer serves says it is done
+                # (domains/guest.py); giving up here would leave Domain 0 believing a
+                # holder that may have let the identity go.
+                self.events.emit("release_unanswered", act.node,
+                                 identity=f"node{act.identity}", attempt=attempt)
+                self._release(act, attempt + 1)
+                return
             if err is None:
                 self.events.emit("released", act.node, identity=f"node{act.identity}",
                                  cp_ms=(res or {}).get("cp_ms"))
@@ -486,14 +522,14 @@ class Hypervisor:
         if g is None:
             done(None, InvalidState(f"node{act.node} is not running"))
             return
-        g.call("release", {"identity": act.identity}, 60.0, done)
+        g.call("release", {"identity": act.identity}, self.cfg.move_timeout_s, done)
 
     # -- control requests --------------------------------------------------------------------
     def _drain_control(self, budget: int = CONTROL_PER_TURN) -> None:
         """Answer queued control requests, at most `budget` a turn: heartbeats, pidfds and
         takeovers are looked at between turns however fast someone sends."""
         for _ in range(budget):
-            if not self.control.sock.poll(0):
+            if not self.control.pending() and not self.control.sock.poll(0):
                 return
             inc = self.control.recv()
             if inc is None:
@@ -594,6 +630,8 @@ class Hypervisor:
             node = self._node_arg(req)
             self._apply(self.coord.handle(fo.GivebackRequested(node), now))
             return {"node": f"node{node}"}
+        if op == "bus_fault":
+            return self._bus_fault(peer, req)
         if op == "probe":
             return self._probe(peer, req)
         if op == "manage":
@@ -603,6 +641,19 @@ class Hypervisor:
             self.stop_requested = True
             return _DEFERRED
         raise BadRequest(f"unknown control op {op!r}")
+
+    def _bus_fault(self, peer: bytes, req: codec.Request) -> Any:
+        """Set or clear a bus fault (vmemu/hypervisor/bus_faults.py)."""
+        node = self._node_arg(req) if "node" in req.args else None
+
+        def reply(res: Any, err: VmemuError | None) -> None:
+            if err is not None:
+                self.control.reply_error(peer, req.id, err)
+            else:
+                self.control.reply(peer, req.id, res)
+
+        res = self.bus.request(req.args, node, self.coord.alive, reply)
+        return _DEFERRED if res is bus_faults.DEFERRED else res
 
     def _probe(self, peer: bytes, req: codec.Request) -> Any:
         """Ask a guest to try something a domain should not be able to do, and report.
@@ -722,7 +773,22 @@ class Hypervisor:
                     ("lun_delete", {"volume": vol, "name": name}))
         return None
 
+    def _repeated_report(self, req: codec.Request) -> bool:
+        seq = req.args.get("seq")
+        if type(seq) is not int:
+            return False  # numbered or not, a report is taken (the token proved its sender)
+        key = (str(req.args.get("token")), seq)
+        if key in self.reports_seen:
+            self.repeated_reports += 1
+            return True
+        self.reports_seen[key] = None
+        if len(self.reports_seen) > REPORTS_REMEMBERED:
+            self.reports_seen.popitem(last=False)
+        return False
+
     def _guest_event(self, req: codec.Request) -> None:
+        if self._repeated_report(req):
+            return None
         node = self._node_arg(req)
         kind = codec.arg(req, "kind", str)
         fields = codec.arg(req, "fields", dict, {})
@@ -740,8 +806,15 @@ class Hypervisor:
             if not (isinstance(idents, list) and all(isinstance(i, int) for i in idents)
                     and isinstance(region, int)):
                 raise BadRequest("cp_done: identities must be integers, region an integer")
+            epochs = fields.get("epochs")
+            if epochs is not None and not (isinstance(epochs, list) and all(
+                    isinstance(p, list) and len(p) == 2 and all(type(x) is int for x in p)
+                    for p in epochs)):
+                raise BadRequest("cp_done: epochs must be [identity, epoch] pairs")
             self.events.emit("cp", node, mono=mono, **fields)
-            self._apply(self.coord.handle(fo.CpDone(node, tuple(idents), region), time.monotonic()))
+            self._apply(self.coord.handle(fo.CpDone(
+                node, tuple(idents), region,
+                None if epochs is None else tuple((a, b) for a, b in epochs)), time.monotonic()))
         elif kind == "final_cp":
             idents = fields.get("identities", [])
             if not (isinstance(idents, list) and all(isinstance(i, int) for i in idents)):
@@ -819,8 +892,14 @@ class Hypervisor:
                 "own_stalls": self.monitor.own_stalls,
                 "nbd_tls": nbd_view.tls_view(self.cfg, self.dir),
                 "nvram": dict(self.broker.view(), **self.nvram_reports.view()),
+                "bus_faults": dict(self.bus.view(now), guests={
+                    f"node{n}": st["bus"] for n, st in self.stats.items()
+                    if st and self.coord.alive(n) and ((st.get("bus") or {}).get("faults")
+                                                       or (st.get("bus") or {}).get("repeats_refused"))}),
                 "refused": dict(self.broker.refused, forged_reports=self.forged,
-                                bad_frames=self.control.bad_frames)}
+                                bad_frames=self.control.bad_frames,
+                                repeated_requests=self.control.duplicates,
+                                repeated_reports=self.repeated_reports)}
 
     def _takeover_view(self, identity: int) -> dict | None:
         t = self.takeovers.get(identity)
@@ -833,6 +912,7 @@ class Hypervisor:
         self.coord.shutting_down = True
         self.shutdown_deadline = time.monotonic() + 30.0
         self.events.emit("shutdown_started", "hypervisor")
+        self.bus.shutting_down()
         for n, g in self.guests.items():
             if n in self.sup.children:
                 g.call("shutdown", {}, 30.0, lambda res, err: None)
