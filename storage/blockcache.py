@@ -16,7 +16,10 @@ from collections.abc import Callable
 
 BLOCK = 4096
 
-Blocks = dict[int, bytearray]  # block number -> 4 KiB
+# block number -> 4 KiB: a bytearray, or a writable memoryview of 4 KiB into one buffer that
+# a bulk insert (put_blocks, a takeover's replay) filled; both are updated in place alike.
+Block = bytearray | memoryview
+Blocks = dict[int, Block]
 ReadCommitted = Callable[[int, int, int], bytes]  # (lun, first block, count) -> bytes
 
 
@@ -53,7 +56,7 @@ class BlockCache:
         return sum(len(b) for b in self.frozen.values())
 
     # -- I/O ---------------------------------------------------------------------------------
-    def _cached(self, lun: int, b: int) -> bytearray | None:
+    def _cached(self, lun: int, b: int) -> Block | None:
         buf = self.active.get(lun, {}).get(b)
         if buf is None:
             buf = self.frozen.get(lun, {}).get(b)
@@ -77,6 +80,19 @@ class BlockCache:
                     blocks[b] = buf
                 buf[off:off + n] = mv[pos:pos + n]
             pos += n
+
+    def put_blocks(self, lun: int, blocks: list[int], data: memoryview) -> None:
+        """Whole blocks at once: as ``write(lun, b * BLOCK, data[i*BLOCK:(i+1)*BLOCK])`` for
+        each ``b = blocks[i]`` in order (a later one of the same block wins), without a copy
+        per block: the cache keeps 4 KiB views of `data`, which must be writable, not shared
+        with anyone else, and hold ``len(blocks)`` blocks. A whole-block write never reads
+        the old block, so neither does this."""
+        if data.nbytes != len(blocks) * BLOCK or data.readonly:
+            raise ValueError(f"{len(blocks)} blocks need {len(blocks) * BLOCK} writable bytes, "
+                             f"not {data.nbytes}")
+        mv = data.cast("B")
+        views = [mv[i:i + BLOCK] for i in range(0, len(blocks) * BLOCK, BLOCK)]
+        self.active.setdefault(lun, {}).update(zip(blocks, views))
 
     def read(self, lun: int, offset: int, length: int) -> bytes:
         first, last = offset // BLOCK, (offset + length - 1) // BLOCK
