@@ -135,8 +135,7 @@ class ExactlyOnce:
         init = np.concatenate(init_lists)
         out, out_start = _per_client_kernel(init, init_start, ev, ev_start, DEDUP_PER_CLIENT)
         # Clients end in the order of their last event, after those without events.
-        last = np.zeros(ids.size, dtype=np.int64)
-        np.maximum.at(last, inverse, np.arange(inverse.size))
+        last = order[ev_start[1:] - 1]  # each group's last event (the sort is stable)
         bounds = out_start.tolist()
         for g in np.argsort(last).tolist():
             c = int(ids[g])
