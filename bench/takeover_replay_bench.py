@@ -4,8 +4,9 @@
 vmemu/ calls: a kernel-only figure. This part times the code a partner runs when it takes
 over (domains/guest.py `_assign` -> `DModule.replay_chain`): `nvlog_check.read_region` (scan
 and verify both halves, crc32c included), `replay.plan` per LUN, then the rows put into the
-identity's cache (file-system LUNs, the storage-OS default: a Python `cache.write` per row) or
-pwritten onto the disk files (flat LUNs), and the exactly-once table rebuilt.
+identity's cache (file-system LUNs, the storage-OS default: whole blocks gathered by one numba
+pass and inserted in bulk, `storage/replay_gather.py`) or pwritten onto the disk files (flat
+LUNs), and the exactly-once table rebuilt (`ExactlyOnce.record_many`).
 
 Setup, per layout (in a temp data dir): node1's disks (RAID-4 on 4 disks, the default; and
 `raid none` on 2), a D-module on a real memfd NVRAM region of NVRAM_MIB in two halves, random

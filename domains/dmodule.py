@@ -11,7 +11,6 @@ kernels and applied, oldest first, with pwrite into the disk images; records a d
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import mmap
 import os
@@ -24,10 +23,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from storage import nvlog_format as F
-from storage import fault_io, nvlog_check, replay
+from storage import fault_io, nvlog_check, replay, replay_gather
+from domains.exactly_once import ExactlyOnce, rebuild_table
 from domains.store import FlatStore, FsStore, LunHandle, Store
 from storage.aggregate import Aggregate
-from storage.blockcache import BlockCache
+from storage.blockcache import BLOCK, BlockCache
 from storage.disk import HEADER as DISK_HEADER
 from storage.disk import Disk
 from storage.nvlog import BadRecord, TwoHalfLog, record_payload
@@ -38,14 +38,11 @@ from vmemu.errors import (BadRequest, CorruptDisk, Fenced, InvalidState, LogFull
 CP_RETRY_S = 0.5  # a failed CP is tried again after this, doubling up to CP_RETRY_MAX_S
 CP_RETRY_MAX_S = 8.0
 BG_RETRY_S = 5.0  # a failed slice of reconstruction is tried again after this
-DEDUP_PER_CLIENT = 8192
-DEDUP_CLIENTS = 1024
 CARRY_PER_CLIENT = 1024  # how much of the table survives a CP, per client
 # A deliberately broken build, for showing that the chaos checker catches a lost write: with
 # VMEMU_BREAK=unlogged_ack in its environment a guest acknowledges writes it never put in
 # NVRAM (a takeover then cannot replay them). The guest says so in an event at boot.
 BROKEN_UNLOGGED_ACK = os.environ.get("VMEMU_BREAK") == "unlogged_ack"
-LOAD_PAIRS = 65536  # the most pairs taken from one table record (a carry holds <= 32768)
 
 
 @dataclass
@@ -101,51 +98,6 @@ class CpJob:
     done: threading.Event = field(default_factory=threading.Event)
     result: dict[str, Any] = field(default_factory=dict)
     error: BaseException | None = None
-
-
-class ExactlyOnce:
-    """Recent (client, request) pairs that were applied: a retried write is not applied twice."""
-
-    def __init__(self) -> None:
-        self.seen: collections.OrderedDict[int, collections.OrderedDict[int, None]] = \
-            collections.OrderedDict()
-
-    def applied(self, client: int, request: int) -> bool:
-        return client != 0 and request in self.seen.get(client, ())
-
-    def record(self, client: int, request: int) -> None:
-        if client == 0:
-            return
-        reqs = self.seen.get(client)
-        if reqs is None:
-            reqs = self.seen[client] = collections.OrderedDict()
-            if len(self.seen) > DEDUP_CLIENTS:
-                self.seen.popitem(last=False)
-        else:
-            self.seen.move_to_end(client)
-        reqs[request] = None
-        if len(reqs) > DEDUP_PER_CLIENT:
-            reqs.popitem(last=False)
-
-    def snapshot(self, per_client: int, limit_pairs: int) -> bytes:
-        """The most recent pairs of the most recent clients, as (client, request) u64 pairs."""
-        pairs: list[int] = []
-        for client in reversed(self.seen):
-            reqs = list(self.seen[client])[-per_client:]
-            take = min(len(reqs), (limit_pairs - len(pairs) // 2))
-            if take <= 0:
-                break
-            for r in reqs[-take:]:
-                pairs += (client, r)
-        return np.asarray(pairs, dtype="<u8").tobytes()
-
-    def load(self, payload: bytes) -> None:
-        """Pairs from a table record (read back from NVRAM: whole pairs only, and at most
-        the last LOAD_PAIRS of them, so a forged record costs a bounded loop)."""
-        whole = len(payload) // 16 * 16
-        arr = np.frombuffer(payload, dtype="<u8", count=whole // 8)[-2 * LOAD_PAIRS:]
-        for i in range(0, len(arr) - 1, 2):
-            self.record(int(arr[i]), int(arr[i + 1]))
 
 
 class DModule:
@@ -598,14 +550,30 @@ class DModule:
     def _replay_into_cache(cache: BlockCache, lun: LunHandle, log: np.ndarray, index: np.ndarray,
                            count: int, gid: int, min_seq: int, total: dict[str, Any]) -> None:
         """File-system LUNs: the planned rows become dirty blocks; the next CP commits them
-        through the file system (write-anywhere, checksummed, on RAID) like any other write."""
+        through the file system (write-anywhere, checksummed, on RAID) like any other write.
+
+        Whole aligned blocks are gathered into one buffer by one numba pass and go into the
+        cache in bulk; a row that is not (partial, unaligned, compressed) goes through
+        ``cache.write`` at its place in the order, so later rows still win."""
         rows, bad = replay.plan(log, index, count, gid, min_seq, lun.size)
-        nbytes = 0
-        for r in rows:
-            row = index[int(r)]
-            data = record_payload(log, row)
-            cache.write(lun.index, int(row[F.IDX_OFFSET]), data)
-            nbytes += len(data)
+        first, blocks, data = replay_gather.gather_blocks(log, index, rows)
+        slow = np.flatnonzero(first < 0)
+        blist = blocks.tolist()
+        mv = memoryview(data)
+        done = 0  # blocks of `blist` in the cache so far
+        if slow.size:
+            nblk = np.where(first >= 0, index[rows, F.IDX_LENGTH] // BLOCK, 0)
+            upto = np.cumsum(nblk)  # blocks of the simple rows up to each row
+            for k in slow.tolist():
+                end = int(upto[k])
+                if end > done:
+                    cache.put_blocks(lun.index, blist[done:end], mv[done * BLOCK:end * BLOCK])
+                    done = end
+                row = index[int(rows[k])]
+                cache.write(lun.index, int(row[F.IDX_OFFSET]), record_payload(log, row))
+        if len(blist) > done:
+            cache.put_blocks(lun.index, blist[done:], mv[done * BLOCK:])
+        nbytes = int(index[rows, F.IDX_LENGTH].sum())
         _count_replay(total, index, count, gid, min_seq, lun.size, bad, rows.size, nbytes,
                       rows.size)
 
@@ -621,17 +589,7 @@ class DModule:
     def _rebuild_dedup(self, log: np.ndarray, index: np.ndarray, count: int,
                        gids: set[int]) -> int:
         """The exactly-once table from the replayed records; returns the bad table records."""
-        bad = 0
-        for row in index[:count]:
-            gid = int(row[F.IDX_LUN])
-            if gid in gids:
-                self.dedup.record(int(row[F.IDX_CLIENT]), int(row[F.IDX_REQUEST]))
-            elif gid == F.DEDUP_LUN:
-                try:
-                    self.dedup.load(record_payload(log, row))
-                except BadRecord:
-                    bad += 1  # it verified but cannot be a table the writer wrote: skip it
-        return bad
+        return rebuild_table(self.dedup, log, index, count, gids)
 
     # -- management (the aggregate's volumes, LUNs, snapshots and disks) ----------------------
     def aggregate(self, identity: int) -> Aggregate:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import zmq
 
-from domains import mediator
+from domains import exactly_once, mediator
 from domains.bus_tap import GuestFaults
 from domains.dmodule import DModule
 from domains.failover_monitor import FailoverMonitor
@@ -32,7 +32,7 @@ from domains import nbd_tls
 from domains.nbd_server import NbdServer
 from domains.nmodule import NModule
 from domains.rdb_host import RdbHost
-from storage import aggregate, fault_io, nvlog, nvlog_check, nvlog_format, replay
+from storage import aggregate, fault_io, nvlog, nvlog_check, nvlog_format, replay, replay_gather
 from storage import region as shm
 from vmemu import datadir, tls
 from vmemu.privfs import lossy_stdio, set_umask
@@ -595,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent(args.hypervisor_pid)
     replay.warm()
     nvlog_check.warm()  # the corrupt-region path too: never a compile inside a takeover
+    replay_gather.warm()  # a takeover into the cache gathers blocks with it
+    exactly_once.warm()  # and rebuilds the exactly-once table with it
     aggregate.warm()  # the file system's kernels too: a cold compile starves the heartbeat
     guest = Guest(Path(args.data_dir), args.node)
     # Beating before registering: Domain 0 counts silence from the registration on, and the
