@@ -173,7 +173,7 @@ class RdbPair(RdbCluster):
     nodes = 2
 
 
-_settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
+_settings = settings(max_examples=25, stateful_step_count=25, deadline=None,
                      suppress_health_check=[HealthCheck.too_slow])
 TestRdbCluster = RdbCluster.TestCase
 TestRdbCluster.settings = _settings
