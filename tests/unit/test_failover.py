@@ -475,19 +475,25 @@ def test_owner_registering_during_the_takeover_still_gets_its_automatic_giveback
     assert of(Release, cl.ev(Tick())) == [Release(2, 1)]
 
 
-def test_a_node_taking_back_an_identity_it_just_released_replays_last() -> None:
-    """Found by `vmemu chaos` (seed 7): node1 gave identity 2 back, node2 wrote, died; node1
-    took identity 2 over again and acknowledged writes into its own region, which the release
-    had left first in the chain; then node1 died too. Replayed in that order, node2's older
-    records overwrote node1's newer ones: acknowledged writes lost."""
+def given_back_by_node1() -> tuple[Cluster, dict[int, int], int]:
+    """node2 failed, node1 took identity 2 over, node2 came back (region r2) and got it back."""
     cl = Cluster(2, "pairs", delay=-1)
     r = cl.boot()
     cl.ev(Failed(2, "exit"))
     cl.done([Assign(1, 2, (), "takeover")])
     r2, _ = cl.start(2)
     cl.ev(GivebackRequested(2))
-    cl.done(cl.ev(ReleaseDone(1, 2, True)))  # the owner replays [r1] and serves: [r1, r2]
-    assert cl.chain(2) == [r[1], r2]
+    cl.done(cl.ev(ReleaseDone(1, 2, True)))
+    return cl, r, r2
+
+
+def test_a_node_taking_back_an_identity_it_just_released_replays_last() -> None:
+    """Found by `vmemu chaos` (seed 7): node1 gave identity 2 back, node2 wrote, died; node1
+    took identity 2 over again and acknowledged writes into its own region, which the release
+    had left first in the chain; then node1 died too. Replayed in that order, node2's older
+    records overwrote node1's newer ones: acknowledged writes lost."""
+    cl, r, r2 = given_back_by_node1()
+    assert cl.chain(2) == [r[1], r2]  # the owner replayed [r1] and serves
     acts = cl.ev(Failed(2, "exit"))
     assert Assign(1, 2, (r[1], r2), "takeover") in acts
     cl.done(acts)  # node1 writes identity 2 into r1 from now on
@@ -498,13 +504,7 @@ def test_a_node_taking_back_an_identity_it_just_released_replays_last() -> None:
 
 
 def test_a_region_bound_before_its_assign_done_goes_last_when_its_node_dies() -> None:
-    cl = Cluster(2, "pairs", delay=-1)
-    r = cl.boot()
-    cl.ev(Failed(2, "exit"))
-    cl.done([Assign(1, 2, (), "takeover")])
-    r2, _ = cl.start(2)
-    cl.ev(GivebackRequested(2))
-    cl.done(cl.ev(ReleaseDone(1, 2, True)))
+    cl, r, r2 = given_back_by_node1()
     cl.ev(Failed(2, "exit"))  # node1 is assigned identity 2, binds, writes, dies before done
     cl.ev(Failed(1, "exit"))
     assert cl.chain(2) == [r2, r[1]]
